@@ -1,0 +1,30 @@
+# Two entry points: `make demo` trains the quickstart recipe on the bundled sample data,
+# `make test` runs the test suite. Both install into a local virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SAMPLE_DIR ?= data/sample
+
+.PHONY: install demo sample test clean
+
+$(BIN)/fusionlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+	touch $(BIN)/fusionlab
+
+install: $(BIN)/fusionlab
+
+$(SAMPLE_DIR)/manifest.json: | install
+	$(BIN)/fusionlab data sample --out $(SAMPLE_DIR)
+
+sample: $(SAMPLE_DIR)/manifest.json
+
+demo: sample
+	$(BIN)/fusionlab fit --config recipes/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs data/sample

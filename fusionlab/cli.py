@@ -1,0 +1,68 @@
+"""The `fusionlab` command.
+
+Training subcommands (fit, validate, test) go through LightningCLI, so recipes are YAML over the
+typed signatures of FusionModule, FusionDataModule and the Trainer. Tool subcommands (data, scaling)
+are plain argparse commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+TOOL_COMMANDS = ("data", "scaling")
+
+OVERVIEW = """usage: fusionlab COMMAND [options]
+
+Train and study native multimodal models.
+
+training (LightningCLI; `fusionlab fit --help` lists every option):
+  fit         train from a recipe:  fusionlab fit --config recipes/quickstart.yaml
+  validate    run validation of a checkpoint:  fusionlab validate --config RECIPE --ckpt_path CKPT
+  test        run the test loop of a checkpoint
+
+tools:
+  data        write the bundled sample shards (data sample)
+  scaling     fit scaling laws and predict compute-optimal sizes (scaling fit, scaling predict)
+
+`fusionlab COMMAND --help` shows the options of a command.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        return 0
+    if argv[0] in LIGHTNING_COMMANDS:
+        from fusionlab.training.cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    if argv[0] in TOOL_COMMANDS:
+        return run_tool(argv)
+    print(f"fusionlab: unknown command {argv[0]!r}\n\n{OVERVIEW}", file=sys.stderr)
+    return 2
+
+
+def run_tool(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fusionlab")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build and inspect shards")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    from fusionlab.data.build import add_sample_parser
+
+    add_sample_parser(data_commands)
+
+    from fusionlab.scaling import cli as scaling_cli
+
+    scaling_cli.add_parser(commands)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

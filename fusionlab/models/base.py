@@ -1,0 +1,126 @@
+"""The backbone contract: what every architecture, built-in or plugin, provides.
+
+A backbone maps a packed `Batch` to next-token logits plus auxiliary losses, and reports the
+parameter counts that compute accounting needs (C = 6 (N D + N_v D_v)).
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fusionlab.batch import Batch
+from fusionlab.models.layers import LayerContext, packed_attention_mask
+
+
+class ParameterCounts(NamedTuple):
+    """Parameter counts for compute accounting.
+
+    N: active parameters that process every token (decoder with both embedding matrices, as the
+    paper counts them, plus image stem or connector). N_v: vision encoder parameters, which process
+    image tokens only. active = N + N_v. total also counts experts a token does not use.
+    """
+
+    N: int
+    N_v: int
+    active: int
+    total: int
+
+
+@dataclass
+class BackboneOutput:
+    logits: Tensor  # (B, T, vocab_size)
+    aux_loss: Tensor  # scalar, already weighted; zero for dense models
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Backbone(nn.Module, ABC):
+    """Base class of every architecture.
+
+    Subclasses take plain, YAML-serialisable constructor arguments and set `vocab_size` and
+    `tokens_per_image` (positions one image occupies in the packed sequence).
+    """
+
+    vocab_size: int
+    tokens_per_image: int
+
+    @abstractmethod
+    def forward(self, batch: Batch) -> BackboneOutput: ...
+
+    @abstractmethod
+    def parameter_counts(self) -> ParameterCounts: ...
+
+    def flops_per_step(self, n_tokens: int, n_image_tokens: int) -> float:
+        """Training FLOPs by the 6ND rule: 6 (N D + N_v D_v); attention FLOPs are ignored."""
+        counts = self.parameter_counts()
+        return 6.0 * (counts.N * n_tokens + counts.N_v * n_image_tokens)
+
+    def init_arguments(self) -> dict[str, Any]:
+        """Return the constructor arguments, so the backbone can be rebuilt from a checkpoint."""
+        return dict(self._init_arguments)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record each concrete subclass's constructor arguments (bound and defaulted) without
+        # asking every architecture to do it by hand.
+        super().__init_subclass__(**kwargs)
+        original_init = cls.__init__
+
+        def recording_init(self: Backbone, *args: Any, **init_kwargs: Any) -> None:
+            if not hasattr(self, "_init_arguments"):
+                bound = inspect.signature(original_init).bind(self, *args, **init_kwargs)
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+                arguments.pop("self")
+                object.__setattr__(self, "_init_arguments", arguments)
+            original_init(self, *args, **init_kwargs)
+
+        recording_init.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
+        recording_init.__doc__ = original_init.__doc__
+        recording_init.__wrapped__ = original_init  # type: ignore[attr-defined]
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+
+def layer_context(batch: Batch) -> LayerContext:
+    return LayerContext(
+        image_mask=batch.image_mask.reshape(-1),
+        valid_mask=(~batch.padding_mask).reshape(-1),
+    )
+
+
+def normalize_images(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """Map uint8 pixels to [-1, 1] in the given dtype."""
+    return images.to(dtype) / 127.5 - 1.0
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Cut images (n, C, H, W) into flattened patches (n, P, C * p * p), row-major over the grid."""
+    n, C, H, W = images.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch_size {p}")
+    patches = images.reshape(n, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (H // p) * (W // p), C * p * p)
+
+
+def place_image_features(x: Tensor, features: Tensor, batch: Batch) -> Tensor:
+    """Write per-patch features (n_images, P, D) into x (B, T, D) at the image positions."""
+    mask = batch.image_mask
+    if not mask.any():
+        return x
+    placed = features[batch.image_index[mask], batch.patch_index[mask]].to(x.dtype)
+    x = x.clone()
+    x[mask] = placed
+    return x
+
+
+def attention_mask(batch: Batch) -> Tensor:
+    return packed_attention_mask(batch.document, batch.image_index)

@@ -1,0 +1,98 @@
+"""Early fusion: image patches linearly projected straight into the decoder.
+
+No vision encoder and no image tokenizer: each flattened patch (3 p^2 values) goes through one
+linear layer to d_model and takes its place in the packed sequence.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fusionlab.batch import Batch
+from fusionlab.models.base import (
+    Backbone,
+    BackboneOutput,
+    ParameterCounts,
+    attention_mask,
+    count_parameters,
+    layer_context,
+    normalize_images,
+    patchify,
+    place_image_features,
+)
+from fusionlab.models.decoder import Decoder
+from fusionlab.models.layers import ffn_hidden_size
+
+
+class EarlyFusion(Backbone):
+    """Early-fusion decoder.
+
+    Args:
+        vocab_size: tokenizer vocabulary (linked from the data section by the CLI).
+        image_size: side of the square input images, in pixels.
+        patch_size: side of a square patch; an image takes (image_size / patch_size)^2 positions.
+        d_model: decoder width.
+        n_layers: decoder depth.
+        n_heads: attention heads.
+        head_dim: size of one head; d_model / n_heads when omitted.
+        d_ff: SwiGLU hidden size; 8 d_model / 3 rounded up to `ffn_multiple_of` when omitted.
+        ffn_multiple_of: rounding of the default d_ff.
+        rope_theta: rotary embedding base.
+        activation_checkpointing: recompute each decoder layer in the backward pass.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 264,
+        image_size: int = 32,
+        patch_size: int = 4,
+        d_model: int = 128,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        head_dim: int | None = None,
+        d_ff: int | None = None,
+        ffn_multiple_of: int = 256,
+        rope_theta: float = 10000.0,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        head_dim = head_dim or _default_head_dim(d_model, n_heads)
+        self.vocab_size = vocab_size
+        self.patch_size = patch_size
+        self.tokens_per_image = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Linear(3 * patch_size * patch_size, d_model)
+        self.decoder = Decoder(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            head_dim=head_dim,
+            d_ff=d_ff or ffn_hidden_size(d_model, ffn_multiple_of),
+            rope_theta=rope_theta,
+            activation_checkpointing=activation_checkpointing,
+        )
+
+    def forward(self, batch: Batch) -> BackboneOutput:
+        x = self.decoder.embed(batch.tokens)  # (B, T, D)
+        if batch.images.numel():
+            pixels = normalize_images(batch.images, self.patch_embed.weight.dtype)
+            features = self.patch_embed(patchify(pixels, self.patch_size))  # (n_images, P, D)
+            x = place_image_features(x, features, batch)
+        context = layer_context(batch)
+        hidden = self.decoder(x, batch.positions, attention_mask(batch), context)
+        aux = sum(context.aux_losses.values(), x.new_zeros(()).float())
+        return BackboneOutput(self.decoder.head(hidden), aux, context.stats)
+
+    def parameter_counts(self) -> ParameterCounts:
+        total = count_parameters(self)
+        return ParameterCounts(N=total, N_v=0, active=total, total=total)
+
+
+def _default_head_dim(d_model: int, n_heads: int) -> int:
+    if d_model % n_heads:
+        raise ValueError(
+            f"d_model {d_model} is not divisible by n_heads {n_heads}: set head_dim explicitly"
+        )
+    return d_model // n_heads

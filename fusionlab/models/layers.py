@@ -1,0 +1,131 @@
+"""Decoder building blocks: RMSNorm, rotary embedding, packed-sequence attention, SwiGLU.
+
+Shapes in trailing comments use B (batch rows), T (positions), H (heads), K (head_dim),
+D (d_model), F (d_ff).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ffn_hidden_size(d_model: int, multiple_of: int = 256) -> int:
+    """SwiGLU hidden size 8d/3 rounded up to a multiple, as in the OpenLM/DCLM decoders."""
+    hidden = math.ceil(8 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """Gain-only RMS normalisation (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32: bf16 sums of squares lose too much precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding evaluated at arbitrary position ids.
+
+    Position ids come from the batch because they restart at every packed document.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions.float()[..., None] * self.inv_freq  # (B, T, K/2)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :K/2], x[..., K/2:]) of x (B, H, T, K) by the given angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, K/2)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+def packed_attention_mask(document: Tensor, image_index: Tensor) -> Tensor:
+    """Boolean mask (B, 1, T, T), true where query i may attend to key j.
+
+    Text is causal, the patches of one image see each other in both directions, and nothing
+    crosses a packed document. Padding positions (document -1) attend only to themselves, so
+    no softmax row is empty: an all-false row makes scaled_dot_product_attention return NaN.
+    """
+    T = document.shape[-1]
+    idx = torch.arange(T, device=document.device)
+    causal = idx[None, :] <= idx[:, None]  # (T, T)
+    same_doc = (document[:, :, None] == document[:, None, :]) & (document[:, :, None] >= 0)
+    same_image = (image_index[:, :, None] == image_index[:, None, :]) & (image_index[:, :, None] >= 0)
+    allowed = same_doc & (causal | same_image)
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=document.device)
+    return allowed[:, None]
+
+
+@dataclass
+class LayerContext:
+    """Per-forward information that feed-forward layers may need (MoE routing) and fill in.
+
+    image_mask and valid_mask are flat (B*T,) booleans: image positions, and positions that are
+    not padding. Layers store auxiliary losses and routing statistics under a key of their own
+    (for example "layer3"): storing, not appending, keeps the values right when activation
+    checkpointing runs a layer's forward a second time in the backward pass.
+    """
+
+    image_mask: Tensor
+    valid_mask: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm and rotary positions."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
+        self.proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        # QK-norm: normalising queries and keys per head keeps attention logits bounded,
+        # which stabilises training at high learning rates.
+        self.q_norm = RMSNorm(head_dim, norm_eps)
+        self.k_norm = RMSNorm(head_dim, norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, K)
+        q = apply_rotary(self.q_norm(q), *rope)
+        k = apply_rotary(self.k_norm(k), *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, K)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward layer: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor, context: LayerContext | None = None) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
