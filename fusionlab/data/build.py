@@ -1,4 +1,4 @@
-"""Write WebDataset shards: the bundled sample set, built offline from material installed packages ship.
+"""Write the bundled sample set: WebDataset shards built offline from real material in installed packages.
 
 `fusionlab data sample --out DIR` writes three data types, each with a train and a val split:
 
@@ -21,6 +21,7 @@ versions of Python (its `pydoc_data` text), scikit-learn, Pillow and zlib.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from fusionlab.batch import DATA_TYPES
 from fusionlab.data.scenes import (
     DigitRenderer,
     Scene,
@@ -52,12 +54,11 @@ from fusionlab.data.scenes import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-# Same names and order as fusionlab.batch.DATA_TYPES (not imported here, to keep torch out of the build).
-SAMPLE_TYPES = ("caption", "interleaved", "text")
 
-# img2dataset's default key width: 5 digits of shard id (oom_shard_count=5) plus k index digits.
+# The key width of img2dataset's defaults: oom_shard_count=5 shard digits plus 4 index digits for
+# 10,000 samples per shard. With fewer index digits, the shard id gets the rest.
 KEY_WIDTH = 9
-# A fixed member mtime; TarWriter would otherwise stamp time.time() and no two builds would match.
+# A fixed member mtime, because TarWriter would otherwise stamp time.time() and no two builds would match.
 SHARD_MTIME = 0
 # Samples per shard, chosen from measured member sizes to keep each shard under about 1.5 MB.
 MAX_SAMPLES_PER_SHARD = {"caption": 300, "interleaved": 120, "text": 500}
@@ -71,6 +72,11 @@ SPLIT_SEED = 1797
 VAL_SCAN_FRACTION = 0.1
 VAL_TEXT_FRACTION = 0.15
 
+SAMPLE_DESCRIPTION = (
+    "Write caption, interleaved and text shards (train and val) built from scikit-learn's digit scans "
+    "and the Python documentation topics, with no download. The counts are samples per split: "
+    "--*-scenes captioned scenes, --*-docs interleaved documents of 2-4 scenes, --*-texts text passages."
+)
 DEFAULT_COUNTS = {
     "train": {"caption": 6000, "interleaved": 2000, "text": None},
     "val": {"caption": 300, "interleaved": 150, "text": None},
@@ -81,12 +87,19 @@ DEFAULT_COUNTS = {
 # Sources and their train/val pools
 
 
+@functools.cache
 def load_scans() -> tuple[np.ndarray, np.ndarray]:
-    """Return scikit-learn's digit scans (N, 8, 8) with intensities 0..16 and their labels (N,)."""
+    """Return scikit-learn's digit scans (N, 8, 8) with intensities 0..16 and their labels (N,).
+
+    The arrays are cached and read-only, because every build in a process shares them.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    return digits.images, digits.target
+    images, targets = digits.images, digits.target
+    images.setflags(write=False)
+    targets.setflags(write=False)
+    return images, targets
 
 
 def load_topics() -> dict[str, str]:
@@ -96,7 +109,7 @@ def load_topics() -> dict[str, str]:
 
 
 def split_scans(targets: np.ndarray, val_fraction: float = VAL_SCAN_FRACTION) -> dict[str, np.ndarray]:
-    """Split scan ids into disjoint train/val pools, per digit class so that val holds every digit."""
+    """Split scan ids into disjoint train/val pools, per digit class so that val contains every digit."""
     rng = np.random.default_rng(SPLIT_SEED)
     val = []
     for c in range(10):
@@ -108,7 +121,7 @@ def split_scans(targets: np.ndarray, val_fraction: float = VAL_SCAN_FRACTION) ->
 
 
 def split_topics(topics: dict[str, str], val_fraction: float = VAL_TEXT_FRACTION) -> dict[str, list[str]]:
-    """Split topic names into disjoint train/val pools; val gets about `val_fraction` of the characters.
+    """Split topic names into disjoint train/val pools, with about `val_fraction` of the characters in val.
 
     Topics are visited in the order of their SHA-256 name hashes (stable across runs, unlike `hash`).
     A topic goes to val while it still fits the character budget.
@@ -122,22 +135,51 @@ def split_topics(topics: dict[str, str], val_fraction: float = VAL_TEXT_FRACTION
             val_chars += len(topics[name])
     train = [name for name in names if name not in set(val)]
     if not val or not train:
-        raise ValueError(f"val_fraction={val_fraction} leaves a split without topics; use a value in (0.05, 0.5)")
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves a split without topics; use a value in (0.05, 0.5)"
+        )
     return {"train": sorted(train), "val": sorted(val)}
 
 
-def split_passages(text: str, max_chars: int) -> list[str]:
-    """Cut a text into passages of at most `max_chars`, at paragraph breaks where possible.
+def split_passages(paragraphs: list[str], max_chars: int) -> list[str]:
+    """Pack consecutive paragraphs into passages of at most `max_chars` characters.
 
     A paragraph longer than `max_chars` is cut between lines, and a line longer than that between words.
     """
     pieces = []
-    for paragraph in re.split(r"\n\s*\n", text.strip()):
+    for paragraph in paragraphs:
         if len(paragraph) <= max_chars:
             pieces.append(paragraph)
         else:
             pieces += _pack(_cut_long_lines(paragraph.splitlines(), max_chars), max_chars, "\n")
     return _pack(pieces, max_chars, "\n\n")
+
+
+def passage_pools(
+    topics: dict[str, str], topic_pools: dict[str, list[str]], max_chars: int
+) -> dict[str, tuple[list[str], int]]:
+    """Cut each split's topics into passages, and return (passages, duplicate paragraphs dropped) per split.
+
+    Topics embed one another ("compound" repeats "try", "function", "class", ...), so disjoint topic
+    pools still share paragraphs. Each paragraph is kept at its first occurrence only, val first so
+    that the small val pool stays whole and no val paragraph appears in train.
+    """
+    seen: set[str] = set()
+    pools = {}
+    for split in ("val", "train"):
+        passages, dropped = [], 0
+        for name in topic_pools[split]:
+            kept = []
+            for paragraph in re.split(r"\n\s*\n", topics[name].strip()):
+                normalized = " ".join(paragraph.split())
+                if normalized in seen:
+                    dropped += 1
+                    continue
+                seen.add(normalized)
+                kept.append(paragraph)
+            passages += split_passages(kept, max_chars)
+        pools[split] = (passages, dropped)
+    return pools
 
 
 def _cut_long_lines(lines: list[str], max_chars: int) -> list[str]:
@@ -176,7 +218,9 @@ def shard_counts(n: int, min_shards: int, max_per_shard: int) -> list[int]:
     return [(s + 1) * n // n_shards - s * n // n_shards for s in range(n_shards)]
 
 
-def shard_keys(counts: list[int], rng: np.random.Generator | None = None, gap_rate: float = 0.0) -> list[list[str]]:
+def shard_keys(
+    counts: list[int], rng: np.random.Generator | None = None, gap_rate: float = 0.0
+) -> list[list[str]]:
     """Make img2dataset keys `shard_id * 10**k + index` for the samples of each shard.
 
     With `gap_rate` > 0, about that fraction of rows (at least one per shard of two or more samples)
@@ -194,23 +238,28 @@ def shard_keys(counts: list[int], rng: np.random.Generator | None = None, gap_ra
     k = len(str(max((r[-1] for r in rows), default=0)))
     if len(counts) * 10**k > 10**KEY_WIDTH:
         raise ValueError(
-            f"{len(counts)} shards of up to {10**k} rows do not fit {KEY_WIDTH}-digit keys; write fewer samples"
+            f"{len(counts)} shards of up to {10**k} rows do not fit {KEY_WIDTH}-digit keys; "
+            "write fewer samples"
         )
-    return [[f"{shard * 10**k + i:0{KEY_WIDTH}d}" for i in shard_rows] for shard, shard_rows in enumerate(rows)]
+    return [[f"{s * 10**k + i:0{KEY_WIDTH}d}" for i in shard_rows] for s, shard_rows in enumerate(rows)]
 
 
 def write_shard(path: Path, samples: Iterable[dict]) -> int:
-    """Write samples to one tar with fixed member metadata; return the number written.
+    """Write samples to one tar with fixed member metadata, and return the number written.
 
-    The tar is written next to its final name and renamed when complete, so a crashed build never leaves
-    a truncated shard behind under a name that readers would pick up.
+    The tar is written to `path` + ".tmp" and renamed when complete, so a failed build never leaves a
+    truncated shard under a name that readers would pick up.
     """
     tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=SHARD_MTIME) as sink:
-        for sample in samples:
-            sink.write(sample)
-            count += 1
+    try:
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=SHARD_MTIME) as sink:
+            for sample in samples:
+                sink.write(sample)
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return count
 
@@ -239,10 +288,17 @@ def _json_bytes(obj: dict) -> bytes:
 class SceneSamples:
     """Make caption and document samples of one split and type from a stream of random scenes.
 
-    `uses` counts, per scan id, the images a scan appears in; it is shared by the types of a split.
+    `uses` counts, per scan id, the images a scan appears in. The types of a split share it.
     """
 
-    def __init__(self, config: SceneConfig, renderer: DigitRenderer, pool: ScanPool, rng, uses: np.ndarray):
+    def __init__(
+        self,
+        config: SceneConfig,
+        renderer: DigitRenderer,
+        pool: ScanPool,
+        rng: np.random.Generator,
+        uses: np.ndarray,
+    ):
         self.config = config
         self.renderer = renderer
         self.pool = pool
@@ -322,11 +378,11 @@ def write_sample_set(
     max_text_chars: int = 1500,
     overwrite: bool = False,
 ) -> dict:
-    """Write the bundled sample set under `out_dir`; return its manifest, also written as manifest.json.
+    """Write the bundled sample set under `out_dir`, and return its manifest (also written as manifest.json).
 
     Counts are samples per split: captioned scenes, interleaved documents (2-4 scenes each) and text
     passages, where None takes every passage of the split's topic pool once. `image_size` defaults to
-    the variant's (64 rich, 48 simple). Raises FileExistsError if `out_dir` already holds a sample
+    the variant's (64 rich, 48 simple). Raises FileExistsError if `out_dir` already contains a sample
     set, unless `overwrite`.
     """
     config = scene_config(variant, image_size)
@@ -334,7 +390,7 @@ def write_sample_set(
         "train": {"caption": n_train_scenes, "interleaved": n_train_docs, "text": n_train_texts},
         "val": {"caption": n_val_scenes, "interleaved": n_val_docs, "text": n_val_texts},
     }
-    _check_counts(counts, max_text_chars)
+    _check_arguments(seed, counts, max_text_chars)
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
 
@@ -347,7 +403,10 @@ def write_sample_set(
         "image_size": config.image_size,
         "grid": config.grid,
         "splits": {},
-        "sources": {"digit_scans": {"name": "sklearn.datasets.load_digits"}, "text": {"name": _topics_source()}},
+        "sources": {
+            "digit_scans": {"name": "sklearn.datasets.load_digits"},
+            "text": {"name": _topics_source()},
+        },
         "repetition": {},
     }
     for split in SPLITS:
@@ -355,7 +414,7 @@ def write_sample_set(
         manifest["splits"][split] = entries
         manifest["sources"]["digit_scans"][split] = scan_record
         manifest["sources"]["text"][split] = text_record
-        manifest["repetition"][split] = _repetition(split, scan_record, text_record)
+        manifest["repetition"][split] = _log_repetition(split, scan_record, text_record)
 
     _write_sizes(out, manifest)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -369,41 +428,23 @@ class SampleSetBuilder:
         self.out = out
         self.seed = seed
         self.config = config
-        self.max_text_chars = max_text_chars
         scans, self.targets = load_scans()
         self.renderer = DigitRenderer(scans)
         self.topics = load_topics()
         self.scan_pools = split_scans(self.targets)
         self.topic_pools = split_topics(self.topics)
+        self.passage_pools = passage_pools(self.topics, self.topic_pools, max_text_chars)
 
     def rng(self, split: str, data_type: str) -> np.random.Generator:
         # One stream per (split, type), so changing one count leaves the other shards unchanged.
-        return np.random.default_rng([self.seed, SPLITS.index(split), SAMPLE_TYPES.index(data_type)])
+        return np.random.default_rng([self.seed, SPLITS.index(split), DATA_TYPES.index(data_type)])
 
     def write_split(self, split: str, counts: dict) -> tuple[dict, dict, dict]:
-        """Write the three data types of `split`; return their manifest entries and the source records."""
+        """Write the three data types of `split`, and return their manifest entries and source records."""
         scan_ids = self.scan_pools[split]
         uses = np.zeros(len(self.targets), dtype=np.int64)
-        entries = {}
-        for data_type in ("caption", "interleaved"):
-            rng = self.rng(split, data_type)
-            samples = SceneSamples(self.config, self.renderer, ScanPool(scan_ids, self.targets, rng), rng, uses)
-            n = counts[data_type]
-            per_shard = shard_counts(n, MIN_SHARDS[split], MAX_SAMPLES_PER_SHARD[data_type])
-            if data_type == "caption":
-                keys, make = shard_keys(per_shard, rng, GAP_RATE), samples.caption_sample
-            else:
-                keys, make = shard_keys(per_shard), samples.document_sample
-            entries[data_type] = self.write_shards(data_type, split, keys, make)
-
-        topic_names = self.topic_pools[split]
-        passages = [p for name in topic_names for p in split_passages(self.topics[name], self.max_text_chars)]
-        n_texts = len(passages) if counts["text"] is None else counts["text"]
-        stream = text_samples(passages, n_texts, self.rng(split, "text"))
-        keys = shard_keys(shard_counts(n_texts, MIN_SHARDS[split], MAX_SAMPLES_PER_SHARD["text"]))
-        entries["text"] = self.write_shards(
-            "text", split, keys, lambda key: {"__key__": key, "txt": next(stream).encode("utf-8")}
-        )
+        entries = {t: self.write_scenes(t, split, counts[t], uses) for t in ("caption", "interleaved")}
+        entries["text"], text_record = self.write_texts(split, counts["text"])
 
         used = uses[scan_ids]
         scan_record = {
@@ -413,13 +454,39 @@ class SampleSetBuilder:
             "uses_min": int(used.min()),
             "scan_ids": scan_ids.tolist(),
         }
-        text_record = {
-            "n_topics": len(topic_names),
-            "n_passages": len(passages),
-            "passes": round(n_texts / len(passages), 3),
-            "topics": list(topic_names),
-        }
         return entries, scan_record, text_record
+
+    def write_scenes(self, data_type: str, split: str, n: int, uses: np.ndarray) -> dict:
+        """Write `n` caption samples or interleaved documents, adding each scan's image count to `uses`."""
+        rng = self.rng(split, data_type)
+        pool = ScanPool(self.scan_pools[split], self.targets, rng)
+        samples = SceneSamples(self.config, self.renderer, pool, rng, uses)
+        per_shard = shard_counts(n, MIN_SHARDS[split], MAX_SAMPLES_PER_SHARD[data_type])
+        if data_type == "caption":
+            keys, make_sample = shard_keys(per_shard, rng, GAP_RATE), samples.caption_sample
+        else:
+            keys, make_sample = shard_keys(per_shard), samples.document_sample
+        return self.write_shards(data_type, split, keys, make_sample)
+
+    def write_texts(self, split: str, n: int | None) -> tuple[dict, dict]:
+        """Write `n` passages (None: the whole pool once), and return the manifest entry and source record."""
+        passages, n_dropped = self.passage_pools[split]
+        n = len(passages) if n is None else n
+        stream = text_samples(passages, n, self.rng(split, "text"))
+        keys = shard_keys(shard_counts(n, MIN_SHARDS[split], MAX_SAMPLES_PER_SHARD["text"]))
+
+        def make_sample(key: str) -> dict:
+            return {"__key__": key, "txt": next(stream).encode("utf-8")}
+
+        entry = self.write_shards("text", split, keys, make_sample)
+        record = {
+            "n_topics": len(self.topic_pools[split]),
+            "n_passages": len(passages),
+            "duplicate_paragraphs_dropped": n_dropped,
+            "passes": round(n / len(passages), 3),
+            "topics": list(self.topic_pools[split]),
+        }
+        return entry, record
 
     def write_shards(self, data_type: str, split: str, keys: list[list[str]], make_sample: Callable) -> dict:
         """Write the shards of one type and split, shard s holding the samples keyed `keys[s]`."""
@@ -436,30 +503,34 @@ class SampleSetBuilder:
         }
 
 
-def _repetition(split: str, scan_source: dict, text_source: dict) -> dict:
+def _log_repetition(split: str, scan_record: dict, text_record: dict) -> dict:
+    """Log how often a split repeats its sources, and return the manifest's repetition entry."""
     log.info(
         "%s: each digit scan appears in %.1f images on average (max %d) over %d scans; "
         "text: %.2f passes over %d passages from %d topics",
         split,
-        scan_source["uses_mean"],
-        scan_source["uses_max"],
-        scan_source["n_scans"],
-        text_source["passes"],
-        text_source["n_passages"],
-        text_source["n_topics"],
+        scan_record["uses_mean"],
+        scan_record["uses_max"],
+        scan_record["n_scans"],
+        text_record["passes"],
+        text_record["n_passages"],
+        text_record["n_topics"],
     )
     return {
-        "digit_scan_uses_mean": scan_source["uses_mean"],
-        "digit_scan_uses_max": scan_source["uses_max"],
-        "text_passes": text_source["passes"],
+        "digit_scan_uses_mean": scan_record["uses_mean"],
+        "digit_scan_uses_max": scan_record["uses_max"],
+        "text_passes": text_record["passes"],
     }
 
 
 def _topics_source() -> str:
-    return f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro})"
+    major, minor, micro = sys.version_info[:3]
+    return f"pydoc_data.topics (Python {major}.{minor}.{micro})"
 
 
-def _check_counts(counts: dict, max_text_chars: int) -> None:
+def _check_arguments(seed: int, counts: dict, max_text_chars: int) -> None:
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     for split, per_type in counts.items():
         for data_type, n in per_type.items():
             if n is None and data_type == "text":
@@ -471,28 +542,32 @@ def _check_counts(counts: dict, max_text_chars: int) -> None:
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create the type folders; with `overwrite`, first delete the shards, sizes.json and manifest.json
-    of an earlier build (and nothing else), so no stale shard from a larger build remains."""
+    """Create the type folders, after deleting a previous build's files if `overwrite` allows it.
+
+    Only shards, sizes.json and manifest.json are deleted, so no stale shard of a larger build remains
+    and other files in the folder stay.
+    """
     old = [out / "manifest.json"] + [
         path
-        for data_type in SAMPLE_TYPES
+        for data_type in DATA_TYPES
         for name in ("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar", "sizes.json")
         for path in (out / data_type).glob(name)
     ]
     old = [path for path in old if path.exists()]
     if old and not overwrite:
         raise FileExistsError(
-            f"{out} already holds a sample set ({old[0]}); choose another folder or pass overwrite=True (--overwrite)"
+            f"output folder {out} already contains a sample set ({old[0]}): "
+            "choose another folder or pass overwrite=True (--overwrite)"
         )
     for path in old:
         path.unlink()
-    for data_type in SAMPLE_TYPES:
+    for data_type in DATA_TYPES:
         (out / data_type).mkdir(parents=True, exist_ok=True)
 
 
 def _write_sizes(out: Path, manifest: dict) -> None:
-    """Write sizes.json per type folder (shard file name -> sample count), which open_clip reads for counts."""
-    for data_type in SAMPLE_TYPES:
+    """Write sizes.json per type folder (shard file name -> sample count), the file open_clip reads."""
+    for data_type in DATA_TYPES:
         sizes = {}
         for split in SPLITS:
             entry = manifest["splits"][split][data_type]
@@ -505,31 +580,42 @@ def _write_sizes(out: Path, manifest: dict) -> None:
 
 
 def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical shards")
-    parser.add_argument("--variant", choices=("rich", "simple"), default="rich", help="scene variant (default: rich)")
-    parser.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: 64 rich, 48 simple)")
+    add = parser.add_argument
+    add("--out", required=True, type=Path, metavar="DIR", help="output folder for shards and manifest.json")
+    add("--seed", type=int, default=0, metavar="S", help="random seed (0). The same seed gives identical shards")
+    add("--variant", choices=("rich", "simple"), default="rich", help="scene variant (rich)")
+    add("--image-size", type=int, metavar="PX", help="image side in pixels (64 for rich, 48 for simple)")
     for split in SPLITS:
         defaults = DEFAULT_COUNTS[split]
-        parser.add_argument(f"--{split}-scenes", type=int, default=defaults["caption"], help=f"{split} captioned scenes (default: %(default)s)")
-        parser.add_argument(f"--{split}-docs", type=int, default=defaults["interleaved"], help=f"{split} interleaved documents (default: %(default)s)")
-        parser.add_argument(f"--{split}-texts", type=int, default=None, help=f"{split} text passages (default: every passage of the {split} topics once)")
-    parser.add_argument("--max-text-chars", type=int, default=1500, help="maximum characters per text passage (default: 1500)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of an earlier build in --out")
+        add(f"--{split}-scenes", type=int, default=defaults["caption"], metavar="N", help="(%(default)s)")
+        add(f"--{split}-docs", type=int, default=defaults["interleaved"], metavar="N", help="(%(default)s)")
+        add(f"--{split}-texts", type=int, metavar="N", help=f"(every passage of the {split} topics once)")
+    add("--max-text-chars", type=int, default=1500, metavar="N", help="max characters per passage (1500)")
+    add("--overwrite", action="store_true", help="replace the shards and manifest of a previous build")
 
 
 def add_sample_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the `sample` command to a `fusionlab data` subparser group; it runs `run_sample` through `func`."""
-    parser = subparsers.add_parser("sample", help="write the bundled sample set (no download needed)", description=__doc__.split("\n")[0])
+    """Add the `sample` command to the `fusionlab data` subparsers, with `run_sample` as `args.func`."""
+    parser = subparsers.add_parser(
+        "sample",
+        help="write the bundled sample set (no download needed)",
+        description=SAMPLE_DESCRIPTION,
+    )
     _add_sample_arguments(parser)
     parser.set_defaults(func=run_sample)
     return parser
 
 
 def run_sample(args: Sequence[str] | argparse.Namespace | None = None) -> int:
-    """Run `fusionlab data sample` on parsed arguments or an argv list; print a summary and return the exit code."""
+    """Run `fusionlab data sample` on an argv list or on parsed arguments, and print a summary.
+
+    Returns the exit code: 0, or 2 when the output folder or a count is invalid.
+    """
     if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(prog="fusionlab data sample", description=__doc__.split("\n")[0])
+        parser = argparse.ArgumentParser(
+            prog="fusionlab data sample",
+            description=SAMPLE_DESCRIPTION,
+        )
         _add_sample_arguments(parser)
         args = parser.parse_args(args)
     try:
@@ -557,7 +643,7 @@ def run_sample(args: Sequence[str] | argparse.Namespace | None = None) -> int:
 def format_summary(manifest: dict, out: Path) -> str:
     lines = [f"wrote {out / 'manifest.json'} ({manifest['variant']} variant, seed {manifest['seed']})"]
     for split in SPLITS:
-        for data_type in SAMPLE_TYPES:
+        for data_type in DATA_TYPES:
             entry = manifest["splits"][split][data_type]
             lines.append(f"  {split:5s} {data_type:11s} {entry['n_samples']:6d} samples  {entry['pattern']}")
         rep = manifest["repetition"][split]

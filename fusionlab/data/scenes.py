@@ -7,11 +7,12 @@ from the same description, so its text depends on the pixels.
 
 Two variants:
 - rich: 3x3 grid, 1-4 digits, several colours and sizes, varied phrasing, relations between digits.
-  There are many combinations and some wording is random, so caption loss keeps falling with model
-  size and tokens instead of saturating early.
+  Its many combinations are meant to keep caption loss falling with model size and tokens where the
+  simple variant saturates. NOTE: that scaling behaviour has not been measured yet.
 - simple: 2x2 grid, 1-3 digits, white, one size, one fixed template; the quickest variant for tests.
 
-No scene is ever flipped or cropped, because either would make "left of" and the cell names false.
+Nothing here flips or crops a scene, and readers of these shards must not either, because a flip or
+a crop would make "left of" and the cell names false.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Variant = Literal["rich", "simple"]
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
 
-# Saturated colours that stay distinct on black at 10 pixels.
+# Saturated colours on black, chosen to differ clearly in hue even at the 10-pixel size.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
     "red": (230, 40, 40),
@@ -40,7 +41,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 140, 0),
 }
 
-# Side of the upscaled scan as a fraction of the cell side; the rest of the cell is room for jitter.
+# Side of the upscaled scan as a fraction of the cell side. The rest of the cell leaves room for jitter.
 RICH_SIZES = {"small": 0.5, "medium": 0.7, "large": 0.9}
 SIMPLE_SIZES = {"medium": 0.75}
 
@@ -66,20 +67,20 @@ class SceneConfig:
 
 
 def scene_config(variant: Variant = "rich", image_size: int | None = None) -> SceneConfig:
-    """Build the config of `variant`; `image_size` defaults to 64 (rich) or 48 (simple) pixels."""
+    """Build the config of `variant`, with `image_size` defaulting to 64 (rich) or 48 (simple) pixels."""
     if variant == "rich":
         config = SceneConfig("rich", image_size or 64, 3, 1, 4, tuple(COLOURS), RICH_SIZES)
     elif variant == "simple":
         config = SceneConfig("simple", image_size or 48, 2, 1, 3, ("white",), SIMPLE_SIZES)
     else:
-        raise ValueError(f"unknown scene variant {variant!r}; use 'rich' or 'simple'")
+        raise ValueError(f"unknown scene variant {variant!r}: use 'rich' or 'simple'")
 
     # The smallest size class must stay at least as large as the 8x8 scan, or strokes vanish.
     min_cell = int(np.ceil(8 / min(config.sizes.values())))
     if config.cell_size < min_cell:
         raise ValueError(
-            f"image_size={config.image_size} gives {config.cell_size}-pixel cells in the {config.grid}x{config.grid} "
-            f"grid of the {variant} variant; use image_size >= {min_cell * config.grid}"
+            f"image_size={config.image_size} gives {config.cell_size}-pixel cells in the {config.grid}x"
+            f"{config.grid} grid of the {variant} variant; use image_size >= {min_cell * config.grid}"
         )
     return config
 
@@ -93,7 +94,7 @@ def cell_name(row: int, col: int, grid: int) -> str:
 
 @dataclass(frozen=True)
 class PlacedDigit:
-    """One digit scan in a scene; (x, y) is the top-left pixel of the upscaled scan."""
+    """One digit scan in a scene, whose upscaled scan has its top-left pixel at (x, y)."""
 
     digit: int
     scan: int  # row of sklearn's load_digits() data
@@ -119,9 +120,10 @@ class Scene:
         return next(d for d in self.digits if d.digit == digit)
 
     def to_dict(self) -> dict:
-        """Return the JSON form; the readable `cell_name` and `rgb` fields are ignored by `from_dict`."""
+        """Return the JSON form. `from_dict` ignores its human-readable `cell_name` and `rgb` fields."""
         digits = [
-            dataclasses.asdict(d) | {"cell_name": self.cell(d), "rgb": list(COLOURS[d.colour])} for d in self.digits
+            dataclasses.asdict(d) | {"cell_name": self.cell(d), "rgb": list(COLOURS[d.colour])}
+            for d in self.digits
         ]
         return {"image_size": self.image_size, "grid": self.grid, "digits": digits}
 
@@ -144,7 +146,7 @@ class ScanPool:
         self.by_class = {c: scan_ids[targets[scan_ids] == c] for c in range(10)}
         empty = [c for c, ids in self.by_class.items() if len(ids) == 0]
         if empty:
-            raise ValueError(f"no scans of digits {empty} in this split; raise the number of scans per split")
+            raise ValueError(f"no scans of digits {empty} in this split: give each split every digit")
         self.queues: dict[int, list[int]] = {c: [] for c in range(10)}
 
     def draw(self, digit: int) -> int:
@@ -158,7 +160,7 @@ class DigitRenderer:
     """Render scenes to RGB arrays, caching each scan upscaled to each size it is used at."""
 
     def __init__(self, scans: np.ndarray):
-        # load_digits() stores intensities 0..16; scale them to 8-bit once.
+        # load_digits() stores intensities 0..16, so scale them to 8-bit once.
         self.scans = np.rint(scans.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
         self._alpha: dict[tuple[int, int], np.ndarray] = {}
 
@@ -194,7 +196,9 @@ def place_digit(
     return PlacedDigit(digit, pool.draw(digit), row, col, colour, size, size_px, x, y)
 
 
-def _jitter(row: int, col: int, size_px: int, config: SceneConfig, rng: np.random.Generator) -> tuple[int, int]:
+def _jitter(
+    row: int, col: int, size_px: int, config: SceneConfig, rng: np.random.Generator
+) -> tuple[int, int]:
     slack = config.cell_size - size_px
     x = col * config.cell_size + int(rng.integers(0, slack + 1))
     y = row * config.cell_size + int(rng.integers(0, slack + 1))
@@ -214,8 +218,8 @@ def sample_scene(config: SceneConfig, pool: ScanPool, rng: np.random.Generator) 
 
 
 def _empty_cells(scene: Scene) -> list[tuple[int, int]]:
-    taken = {(d.row, d.col) for d in scene.digits}
-    return [(r, c) for r in range(scene.grid) for c in range(scene.grid) if (r, c) not in taken]
+    occupied = {(d.row, d.col) for d in scene.digits}
+    return [(r, c) for r in range(scene.grid) for c in range(scene.grid) if (r, c) not in occupied]
 
 
 def edit_scene(
@@ -275,7 +279,8 @@ def _apply_edit(
         x, y = _jitter(row, col, old.size_px, config, rng)
         digits[i] = dataclasses.replace(old, row=row, col=col, x=x, y=y)
     elif op == "recolour":
-        digits[i] = dataclasses.replace(old, colour=str(rng.choice([c for c in config.colours if c != old.colour])))
+        colour = str(rng.choice([c for c in config.colours if c != old.colour]))
+        digits[i] = dataclasses.replace(old, colour=colour)
     elif op == "resize":
         size = str(rng.choice([s for s in config.sizes if s != old.size]))
         size_px = int(config.sizes[size] * config.cell_size)
@@ -288,7 +293,13 @@ def _apply_edit(
 
 
 def _change(op: str, digit: PlacedDigit, scene: Scene, before=None, before_scene=None) -> dict:
-    record = {"op": op, "digit": digit.digit, "cell": scene.cell(digit), "colour": digit.colour, "size": digit.size}
+    record = {
+        "op": op,
+        "digit": digit.digit,
+        "cell": scene.cell(digit),
+        "colour": digit.colour,
+        "size": digit.size,
+    }
     if op == "move":
         record["from"] = before_scene.cell(before)
         record["to"] = scene.cell(digit)
@@ -446,14 +457,18 @@ def document_items(
     """Lay out an interleaved document as texts and image indices, e.g. [text, 0, text, 1, text].
 
     `changes[i]` lists the edits that turned scene i-1 into scene i (`changes[0]` is unused). Each
-    picture gets one text that describes it (the first) or compares it with the one before; in the
-    rich variant that text sometimes comes before its picture ("The second picture, below, ...").
+    picture gets one text: the first picture's describes it, and later ones compare it with the one
+    before. In the rich variant that text sometimes comes before its picture ("The second picture,
+    below, ...").
     """
     wording = Wording.draw(config, rng)
     if config.variant == "simple":
         items: list[str | int] = []
         for i, scene in enumerate(scenes):
-            phrases = _scene_phrases(scene, wording) if i == 0 else [change_clause(c, wording) for c in changes[i]]
+            if i == 0:
+                phrases = _scene_phrases(scene, wording)
+            else:
+                phrases = [change_clause(c, wording) for c in changes[i]]
             items += [i, f"Picture {i + 1}: {join_phrases(phrases)}."]
         return items
 
@@ -476,7 +491,8 @@ def _intro(n_pictures: int, rng: np.random.Generator) -> list[str | int]:
     if choice == 0:
         return [f"Here are {count_phrase(n_pictures, 'picture')} of handwritten digits."]
     if choice == 1:
-        return [f"{_capitalize(count_phrase(n_pictures, 'picture'))} follow, each a small change of the one before."]
+        pictures = _capitalize(count_phrase(n_pictures, "picture"))
+        return [f"{pictures} follow, each a small change of the one before."]
     return []
 
 

@@ -1,10 +1,14 @@
 """Early fusion: image patches linearly projected straight into the decoder.
 
 No vision encoder and no image tokenizer: each flattened patch (3 p^2 values) goes through one
-linear layer to d_model and takes its place in the packed sequence.
+linear layer to d_model and takes its place in the packed sequence. With an `MoEConfig` the
+feed-forward layers of the chosen decoder layers are sparse mixtures of experts.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +25,8 @@ from fusionlab.models.base import (
     place_image_features,
 )
 from fusionlab.models.decoder import Decoder
-from fusionlab.models.layers import ffn_hidden_size
+from fusionlab.models.layers import SwiGLU, ffn_hidden_size
+from fusionlab.models.moe import MoE, MoEConfig, inactive_parameters
 
 
 class EarlyFusion(Backbone):
@@ -39,6 +44,8 @@ class EarlyFusion(Backbone):
         ffn_multiple_of: rounding of the default d_ff.
         rope_theta: rotary embedding base.
         activation_checkpointing: recompute each decoder layer in the backward pass.
+        moe: mixture-of-experts feed-forward layers; dense SwiGLU layers when None. A plain dict
+            of MoEConfig fields is accepted too, which is how checkpoints store it.
     """
 
     def __init__(
@@ -54,8 +61,10 @@ class EarlyFusion(Backbone):
         ffn_multiple_of: int = 256,
         rope_theta: float = 10000.0,
         activation_checkpointing: bool = False,
+        moe: MoEConfig | None = None,
     ):
         super().__init__()
+        moe = _as_moe_config(moe)
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         head_dim = head_dim or _default_head_dim(d_model, n_heads)
@@ -63,14 +72,16 @@ class EarlyFusion(Backbone):
         self.patch_size = patch_size
         self.tokens_per_image = (image_size // patch_size) ** 2
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, d_model)
+        d_ff = d_ff or ffn_hidden_size(d_model, ffn_multiple_of)
         self.decoder = Decoder(
             vocab_size=vocab_size,
             d_model=d_model,
             n_layers=n_layers,
             n_heads=n_heads,
             head_dim=head_dim,
-            d_ff=d_ff or ffn_hidden_size(d_model, ffn_multiple_of),
+            d_ff=d_ff,
             rope_theta=rope_theta,
+            ffn_factory=_ffn_factory(d_model, d_ff, n_layers, moe),
             activation_checkpointing=activation_checkpointing,
         )
 
@@ -86,8 +97,43 @@ class EarlyFusion(Backbone):
         return BackboneOutput(self.decoder.head(hidden), aux, context.stats)
 
     def parameter_counts(self) -> ParameterCounts:
+        # Every parameter processes every token except the experts a token is not routed to.
         total = count_parameters(self)
-        return ParameterCounts(N=total, N_v=0, active=total, total=total)
+        active = total - inactive_parameters(self)
+        return ParameterCounts(N=active, N_v=0, active=active, total=total)
+
+    def init_arguments(self) -> dict[str, Any]:
+        # Checkpoints hold plain values only (they load with weights_only=True): MoEConfig as a dict.
+        arguments = super().init_arguments()
+        if isinstance(arguments.get("moe"), MoEConfig):
+            arguments["moe"] = dataclasses.asdict(arguments["moe"])
+        return arguments
+
+
+def _as_moe_config(moe: MoEConfig | dict | None) -> MoEConfig | None:
+    if not isinstance(moe, dict):
+        return moe
+    unknown = set(moe) - {f.name for f in dataclasses.fields(MoEConfig)}
+    if unknown:
+        raise ValueError(
+            f"moe has unknown fields {sorted(unknown)}: valid fields are "
+            f"{[f.name for f in dataclasses.fields(MoEConfig)]}"
+        )
+    return MoEConfig(**moe)
+
+
+def _ffn_factory(d_model: int, d_ff: int, n_layers: int, moe: MoEConfig | None):
+    if moe is None:
+        return None
+    moe_layers = set(moe.layer_indices(n_layers))
+    expert_d_ff = moe.d_ff or d_ff
+
+    def make_ffn(layer_idx: int) -> nn.Module:
+        if layer_idx in moe_layers:
+            return MoE(d_model, expert_d_ff, moe, layer_idx)
+        return SwiGLU(d_model, d_ff)
+
+    return make_ffn
 
 
 def _default_head_dim(d_model: int, n_heads: int) -> int:

@@ -44,28 +44,31 @@ def fit_power_law(x, y) -> PowerLaw:
     return PowerLaw(float(np.exp(intercept)), float(slope))
 
 
-def group_budgets(C, rtol: float = 0.05) -> np.ndarray:
-    """Label runs by compute budget: sorted by C, a run starts a new group when its C exceeds the
-    group's smallest C by more than `rtol` relative. Return integer labels in order of C."""
-    C = np.asarray(C, dtype=np.float64)
-    order = np.argsort(C, kind="stable")
-    labels = np.empty(len(C), dtype=np.int64)
+def group_close_values(values, rtol: float = 0.05) -> np.ndarray:
+    """Label positive values so that close ones share a group, such as runs of one compute budget.
+
+    In increasing order, a value starts a new group when it exceeds the smallest value of the current
+    group by more than `rtol` relative. Return integer labels numbered in increasing order.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    labels = np.empty(len(values), dtype=np.int64)
     group, start = -1, -np.inf
-    for i in order:
-        if C[i] > start * (1 + rtol):
-            group, start = group + 1, C[i]
+    for i in np.argsort(values, kind="stable"):
+        if values[i] > start * (1 + rtol):
+            group, start = group + 1, values[i]
         labels[i] = group
     return labels
 
 
 class IsoFlopMinimum(NamedTuple):
-    """Minimum of one IsoFLOP parabola L = p0 (log x)^2 + p1 log x + p2."""
+    """Minimum of one IsoFLOP parabola, fitted over the runs of one compute budget."""
 
     C: float  # geometric mean compute of the group
     x_opt: float  # N* or D*, whichever x the parabola was fitted over
     L_opt: float
     n_runs: int
     inside: bool  # False when x_opt lies outside the sampled x range (an extrapolation)
+    coef: tuple[float, float, float]  # (p0, p1, p2) of L = p0 (log x)^2 + p1 log x + p2
 
 
 @dataclass
@@ -82,7 +85,7 @@ def isoflop_minima(C, x, L, *, rtol: float = 0.05, min_runs: int = 3) -> IsoFlop
     minimum and are listed in `skipped`.
     """
     C, x, L = (np.asarray(v, dtype=np.float64) for v in (C, x, L))
-    labels = group_budgets(C, rtol)
+    labels = group_close_values(C, rtol)
     minima, skipped = [], []
     for group in range(labels.max() + 1 if len(labels) else 0):
         m = labels == group
@@ -91,13 +94,14 @@ def isoflop_minima(C, x, L, *, rtol: float = 0.05, min_runs: int = 3) -> IsoFlop
         if len(np.unique(log_x)) < min_runs:
             skipped.append(f"C={C_group:.3g}: {len(np.unique(log_x))} distinct sizes, need {min_runs}")
             continue
-        p2, p1, p0 = np.polyfit(log_x, L[m], 2)
-        if p2 <= 0:
+        p0, p1, p2 = (float(v) for v in np.polyfit(log_x, L[m], 2))
+        if p0 <= 0:
             skipped.append(f"C={C_group:.3g}: the parabola opens downwards (no minimum)")
             continue
-        log_opt = -p1 / (2 * p2)
+        log_opt = -p1 / (2 * p0)
         inside = bool(log_x.min() <= log_opt <= log_x.max())
-        minima.append(IsoFlopMinimum(C_group, float(np.exp(log_opt)), float(p0 - p1**2 / (4 * p2)), int(m.sum()), inside))
+        L_opt = p2 - p1**2 / (4 * p0)
+        minima.append(IsoFlopMinimum(C_group, float(np.exp(log_opt)), L_opt, int(m.sum()), inside, (p0, p1, p2)))
     power_law = None
     if len(minima) >= 2:
         power_law = fit_power_law([m.C for m in minima], [m.x_opt for m in minima])
@@ -105,7 +109,10 @@ def isoflop_minima(C, x, L, *, rtol: float = 0.05, min_runs: int = 3) -> IsoFlop
 
 
 def lower_convex_hull(x, y) -> np.ndarray:
-    """Return the indices of the lower convex hull of points (x, y), ordered by x (monotone chain)."""
+    """Return the indices of the lower convex hull of points (x, y), ordered by x (monotone chain).
+
+    Points on a hull edge are kept.
+    """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     hull: list[int] = []
@@ -114,8 +121,9 @@ def lower_convex_hull(x, y) -> np.ndarray:
             continue  # same x: the earlier point has the lower y
         while len(hull) >= 2:
             o, a = hull[-2], hull[-1]
-            cross = (x[a] - x[o]) * (y[i] - y[o]) - (y[a] - y[o]) * (x[i] - x[o])
-            if cross > 0:
+            left, right = (x[a] - x[o]) * (y[i] - y[o]), (y[a] - y[o]) * (x[i] - x[o])
+            # keep collinear points (they lie on the frontier too), up to rounding of the products
+            if left - right >= -1e-12 * (abs(left) + abs(right)):
                 break
             hull.pop()
         hull.append(int(i))
@@ -140,26 +148,35 @@ def loss_compute_frontier(C, L) -> tuple[PowerLaw, np.ndarray]:
     return fit_power_law(C[hull], L[hull]), hull
 
 
-def six_N(N):
-    """Default training FLOPs per token, 6 N (forward and backward passes of a dense model)."""
-    return 6.0 * np.asarray(N, dtype=np.float64)
+class LinearFlopsPerToken(NamedTuple):
+    """Training FLOPs per token C / D = c1 N + c0."""
+
+    c1: float
+    c0: float
+
+    def __call__(self, N):
+        return self.c1 * np.asarray(N, dtype=np.float64) + self.c0
 
 
-def fit_flops_per_token(N, D, C) -> Callable:
-    """Fit C / D = c1 N + c0 by least squares over runs and return it as a function of N.
+def fit_flops_per_token(N, D, C) -> LinearFlopsPerToken:
+    """Fit C / D = c1 N + c0 by least squares over runs.
 
-    When vision-encoder compute makes C differ from 6 N D (late fusion), the intercept and slope
-    absorb it, so that the regression exponents follow the runs' own compute.
+    When vision-encoder compute makes C differ from 6 N D (late fusion), the slope and intercept
+    absorb it, so that regression exponents follow the runs' own compute. With a single model size
+    the intercept is 0 and c1 is the mean of C / (D N).
     """
     N, D, C = (np.asarray(v, dtype=np.float64) for v in (N, D, C))
     if len(np.unique(N)) < 2:
-        return lambda n: (C / D).mean() / N.mean() * np.asarray(n, dtype=np.float64)
+        return LinearFlopsPerToken(float((C / (D * N)).mean()), 0.0)
     c1, c0 = np.polyfit(N, C / D, 1)
-    return lambda n: c1 * np.asarray(n, dtype=np.float64) + c0
+    return LinearFlopsPerToken(float(c1), float(c0))
+
+
+SIX_N = LinearFlopsPerToken(6.0, 0.0)  # dense training FLOPs per token: forward and backward passes
 
 
 def compute_optimal_regression(
-    params: ScalingLawParams, C, flops_per_token: Callable = six_N, *, span: float = 1e4, n_grid: int = 4001
+    params: ScalingLawParams, C, flops_per_token: Callable = SIX_N, *, span: float = 1e4, n_grid: int = 4001
 ) -> dict:
     """Minimise `params`' loss at each budget C over N (with D = C / flops_per_token(N)) and regress.
 

@@ -18,9 +18,9 @@ How the multi-start search runs, all in float64:
    current value, restarted until a restart gains less than 1e-10 relative.
 
 The rescaling in step 3 matters because SciPy's L-BFGS-B stops when the objective falls by less
-than ftol * max(|f|, 1). A summed Huber objective is about 1e-3 (an averaged one 1e-5), so the
-default ftol of 2.2e-9 ends the search after a few iterations, far from the optimum, while still
-reporting success. Internally the optimisers use log N and log D centred on their means, which
+than ftol * max(|f|, 1). A summed Huber objective is often about 1e-3 and an averaged one far
+smaller, so the default ftol of 2.2e-9 can end the search after a few iterations, far from the
+optimum, while still reporting success. Internally the optimisers use log N and log D centred on their means, which
 decorrelates log_A from alpha and log_B from beta. Neither change moves the optimum.
 """
 
@@ -70,6 +70,7 @@ class ScalingLawParams(NamedTuple):
 
     @classmethod
     def from_log(cls, log_E: float, log_A: float, log_B: float, alpha: float, beta: float) -> ScalingLawParams:
+        """Build the parameters from the fit's coordinates (log_E, log_A, log_B, alpha, beta)."""
         return cls(math.exp(log_E), math.exp(log_A), math.exp(log_B), float(alpha), float(beta))
 
     @property
@@ -133,7 +134,7 @@ def validate_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bad = ~np.isfinite(x) | (x <= 0)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}[{i}] = {x[i]!r} is invalid: {name} must be finite and positive for every run")
+            raise ValueError(f"{name}[{i}] = {float(x[i])!r} is invalid: {name} must be finite and positive for every run")
         arrays.append(x)
     if not len(arrays[0]) == len(arrays[1]) == len(arrays[2]):
         raise ValueError(f"N, D and L must have one value per run, got lengths {[len(x) for x in arrays]}")
@@ -149,7 +150,7 @@ class _Objective:
     and b_c = log_B - beta y0, where x0 and y0 are the means of log N and log D.
     """
 
-    CHUNK = 1 << 20  # elements per (rows x runs) block, to bound temporary memory
+    CHUNK = 1 << 15  # elements per (rows x runs) block: 256 kB of float64, small enough to stay in cache
 
     def __init__(self, N, D, L, delta: float, weights: np.ndarray):
         log_N, log_D = np.log(N), np.log(D)
@@ -369,6 +370,8 @@ def fit_scaling_law(
     u, f, _ = _lbfgs_batched(objective, objective.to_internal(starts), max_iter=screen_iters, ftol=1e-10)
 
     # refinement: the best starts run until the line search stalls
+    if not np.isfinite(f).any():
+        raise ValueError("the objective is not finite at any start; check that N, D and L are in plain units, not logs")
     f = np.where(np.isfinite(f), f, np.inf)
     best = np.argsort(f, kind="stable")[:n_refine]
     u, f, _ = _lbfgs_batched(objective, u[best], max_iter=3000, ftol=1e-14)

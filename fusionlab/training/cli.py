@@ -9,6 +9,7 @@ from fusionlab.data.datamodule import FusionDataModule
 from fusionlab.data.tokenizer import load_tokenizer
 from fusionlab.training.module import FusionModule
 from fusionlab.training.summary import RunSummary
+from fusionlab.training.throughput import ThroughputMonitor
 
 
 def tokenizer_vocab_size(spec: str) -> int:
@@ -28,6 +29,7 @@ class FusionCLI(LightningCLI):
             "checkpoint.every_n_train_steps": 500,
         })
         parser.add_lightning_class_args(RunSummary, "run_summary")
+        parser.add_lightning_class_args(ThroughputMonitor, "throughput")
 
 
 def run_lightning_cli(argv: list[str]) -> FusionCLI:

@@ -69,6 +69,7 @@ class FusionModule(L.LightningModule):
         # Tokens seen, as non-padding positions summed over ranks and steps (D and D_v).
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("image_tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.data_counters: dict[str, int] = {}
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
@@ -178,13 +179,15 @@ class FusionModule(L.LightningModule):
         local = torch.stack([
             (~batch.padding_mask).sum().double(),
             batch.image_mask.sum().double(),
+            (batch.document.amax(dim=1) + 1).sum().double(),  # documents (samples) in the batch
             *sums,
             *counts,
         ])
         total = self._all_reduce_sum(local)
         self.tokens_seen += total[0]
         self.image_tokens_seen += total[1]
-        type_sums, type_counts = total[2:5], total[5:8]
+        self.samples_seen += total[2]
+        type_sums, type_counts = total[3:6], total[6:9]
         for key, value in batch.stats.items():
             self.data_counters[key] = self.data_counters.get(key, 0) + int(value)
 
@@ -252,6 +255,7 @@ class FusionModule(L.LightningModule):
         checkpoint["fusionlab"] = {
             "tokens_seen": int(self.tokens_seen.item()),
             "image_tokens_seen": int(self.image_tokens_seen.item()),
+            "samples_seen": int(self.samples_seen.item()),
             "data_counters": dict(self.data_counters),
             "nonfinite_steps": self.nonfinite_steps,
         }
@@ -260,6 +264,7 @@ class FusionModule(L.LightningModule):
         state = checkpoint.get("fusionlab", {})
         self.tokens_seen.fill_(state.get("tokens_seen", 0))
         self.image_tokens_seen.fill_(state.get("image_tokens_seen", 0))
+        self.samples_seen.fill_(state.get("samples_seen", 0))
         self.data_counters = dict(state.get("data_counters", {}))
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
 

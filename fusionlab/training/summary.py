@@ -113,6 +113,6 @@ def _hardware() -> dict[str, Any]:
 def _shard_patterns(datamodule: Any) -> dict[str, list[dict[str, Any]]]:
     patterns: dict[str, list[dict[str, Any]]] = {}
     for split in ("train", "val"):
-        sources = getattr(datamodule, split, None) or []
+        sources = getattr(datamodule, f"{split}_sources", None) or []
         patterns[split] = [asdict(s) if is_dataclass(s) else dict(vars(s)) for s in sources]
     return patterns
