@@ -16,7 +16,7 @@ from fusionlab.batch import DATA_TYPES, IGNORE_INDEX, Batch
 from fusionlab.data.datamodule import FusionDataModule, Source, expand_shards
 from fusionlab.data.errors import StrictDataError
 from fusionlab.data.tokenizer import ByteTokenizer
-from test_formats import png, write_tar
+from test_formats import png, truncated_copy, write_tar
 
 GEOMETRY = dict(image_size=16, patch_size=8, context=64, batch_size=4, shuffle_buffer=8)
 
@@ -54,9 +54,11 @@ def sample_keys(batch: Batch) -> list[str]:
 
 def check_batch(batch: Batch, dm: FusionDataModule) -> None:
     B, T = batch.tokens.shape
-    assert B <= dm.batch_size and T == dm.context
+    assert B <= dm.batch_size
+    assert T == dm.context
     n_images = batch.images.shape[0]
-    assert batch.images.shape[1:] == (3, dm.image_size, dm.image_size) and batch.images.dtype == torch.uint8
+    assert batch.images.shape[1:] == (3, dm.image_size, dm.image_size)
+    assert batch.images.dtype == torch.uint8
     assert sorted(batch.image_index[batch.image_index >= 0].unique().tolist()) == list(range(n_images))
     assert int((batch.image_index >= 0).sum()) == n_images * dm.tokens_per_image
     assert ((batch.tokens == dm.tokenizer.image_id) == (batch.image_index >= 0)).all()
@@ -84,7 +86,8 @@ def three_types(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_end_to_end_batches(three_types, num_workers):
     dm = FusionDataModule(three_types, three_types, num_workers=num_workers, **GEOMETRY)
-    assert dm.vocab_size == 264 and dm.tokens_per_image == 4
+    assert dm.vocab_size == 264
+    assert dm.tokens_per_image == 4
     assert isinstance(dm.tokenizer, ByteTokenizer)
     dm.setup("fit")
     sources = set()
@@ -124,8 +127,12 @@ def test_finite_training_epoch_once(tmp_path):
     for s in range(3):
         caption_shard(tmp_path / f"cap-{s}.tar", keys[4 * s : 4 * s + 4])
     dm = FusionDataModule([Source(str(tmp_path / "cap-*.tar"), "caption")], resample=False, num_workers=2, **GEOMETRY)
-    seen = [key for batch in dm.train_dataloader() for key in sample_keys(batch)]
-    assert sorted(seen) == sorted(keys)
+    loader = dm.train_dataloader()
+    first = [key for batch in loader for key in sample_keys(batch)]
+    second = [key for batch in loader for key in sample_keys(batch)]
+    assert sorted(first) == sorted(keys)
+    assert sorted(second) == sorted(keys)
+    assert first != second  # each epoch shuffles anew
 
 
 def test_empty_source_warned_and_renormalised(tmp_path, caplog):
@@ -140,10 +147,12 @@ def test_empty_source_warned_and_renormalised(tmp_path, caplog):
         batches = list(islice(dm.train_dataloader(), 3))
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "il.tar" in warnings[0] and "renormalised" in warnings[0]
+    assert "il.tar" in warnings[0]
+    assert "renormalised" in warnings[0]
     used = torch.cat([batch.source.flatten() for batch in batches]).unique().tolist()
     assert DATA_TYPES.index("interleaved") not in used
-    assert DATA_TYPES.index("caption") in used and DATA_TYPES.index("text") in used
+    assert DATA_TYPES.index("caption") in used
+    assert DATA_TYPES.index("text") in used
 
 
 def test_all_sources_empty_raises(tmp_path):
@@ -196,8 +205,20 @@ def test_skip_counts_reach_batches_once(tmp_path):
     for batch in batches:
         for key, value in batch.stats.items():
             total[key] = total.get(key, 0) + value
-    assert total["skipped/empty_text"] == 1 and total["skipped/empty_member"] == 1
+    assert total["skipped/empty_text"] == 1
+    assert total["skipped/empty_member"] == 1
     assert sorted(k for batch in batches for k in sample_keys(batch)) == ["a", "d"]
+
+
+def test_damaged_shard_in_workers(tmp_path):
+    full = caption_shard(tmp_path / "full.tar", [f"a{i}" for i in range(5)])
+    truncated_copy(full, "a2.png", 100, tmp_path / "v-0.tar")
+    caption_shard(tmp_path / "v-1.tar", ["b0", "b1", "b2"])
+    val = [Source(str(tmp_path / "v-*.tar"), "caption")]
+    dm = FusionDataModule(val, val, num_workers=2, **GEOMETRY)
+    batches = list(dm.val_dataloader())
+    assert sorted(k for batch in batches for k in sample_keys(batch)) == ["a0", "a1", "b0", "b1", "b2"]
+    assert sum(batch.stats.get("skipped/damaged_shard", 0) for batch in batches) == 1
 
 
 def test_strict_mode_raises_from_loader(tmp_path):

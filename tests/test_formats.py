@@ -70,7 +70,8 @@ def test_img2dataset_layout_with_gaps(tmp_path):
     assert [doc.key for doc in docs] == ["000010000", "000010002", "000010005"]
     assert all(doc.shard == shard and doc.data_type == "caption" for doc in docs)
     image, text = docs[1].segments
-    assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
+    assert image.shape == (3, SIZE, SIZE)
+    assert image.dtype == torch.uint8
     assert text == "a photo 000010002"
     assert counter.totals == {}
 
@@ -91,7 +92,9 @@ def test_interleaved_native_layout(tmp_path):
     assert kinds == ["text", "image", "text", "image", "image"]
     assert doc.segments[2] == "Second.\n\nThird."
     red, green, blue = doc.segments[1], doc.segments[3], doc.segments[4]
-    assert red[0].float().mean() > 240 and green[1].float().mean() > 240 and blue[2].float().mean() > 240
+    assert red[0].float().mean() > 240
+    assert green[1].float().mean() > 240
+    assert blue[2].float().mean() > 240
     assert counter.totals == {"image_url": 1}  # the URL image is dropped, never fetched
 
 
@@ -151,7 +154,8 @@ def test_dotted_key_skipped_with_explanation(tmp_path, caplog):
             docs = read([shard], data_type, counter)
         assert "photo" not in [doc.key for doc in docs]  # never a text-only sample
         assert counter.totals["dotted_key"] == 1
-    assert "first dot" in caplog.text and "photo.v2.jpg" in caplog.text
+    assert "first dot" in caplog.text
+    assert "photo.v2.jpg" in caplog.text
 
 
 def test_pickled_members_never_loaded(tmp_path):
@@ -197,7 +201,8 @@ def test_truncated_shard_keeps_intact_samples(tmp_path, caplog):
     assert counter.totals == {"damaged_shard": 1}
     warnings = [record for record in caplog.records if "damaged_shard" in record.getMessage()]
     assert len(warnings) == 1
-    assert "cut.tar" in warnings[0].getMessage() and "'03'" in warnings[0].getMessage()
+    assert "cut.tar" in warnings[0].getMessage()
+    assert "'03'" in warnings[0].getMessage()
 
 
 def test_truncated_image_in_valid_shard(tmp_path, caplog):
@@ -209,7 +214,8 @@ def test_truncated_image_in_valid_shard(tmp_path, caplog):
         docs = read([shard], "caption", counter)
     assert [doc.key for doc in docs] == ["1", "3"]
     assert counter.totals == {"image_undecodable": 1}
-    assert "s.tar" in caplog.text and "'2'" in caplog.text
+    assert "s.tar" in caplog.text
+    assert "'2'" in caplog.text
 
 
 def test_missing_shard_counted(tmp_path):
@@ -228,7 +234,9 @@ def test_bomb_skipped_and_counted(tmp_path, caplog):
         docs = read([shard], "caption", counter)
     assert [doc.key for doc in docs] == ["a", "c"]
     assert counter.totals == {"image_too_large": 1}
-    assert "bomb.tar" in caplog.text and "'b'" in caplog.text and "400000000" in caplog.text
+    assert "bomb.tar" in caplog.text
+    assert "'b'" in caplog.text
+    assert "400000000" in caplog.text
 
 
 def test_strict_mode_raises(tmp_path):
@@ -236,7 +244,8 @@ def test_strict_mode_raises(tmp_path):
     shard = write_tar(tmp_path / "strict.tar", members)
     with pytest.raises(StrictDataError) as caught:
         read([shard], "caption", SkipCounter(strict=True))
-    assert "strict.tar" in str(caught.value) and "'2'" in str(caught.value)
+    assert "strict.tar" in str(caught.value)
+    assert "'2'" in str(caught.value)
 
     full = write_tar(tmp_path / "full.tar", caption_members(["1", "2", "3"], jpeg))
     cut = truncated_copy(full, "2.jpg", 50, tmp_path / "cut.tar")

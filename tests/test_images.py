@@ -90,7 +90,8 @@ def test_grey_modes_give_equal_channels():
     out = pixels(decode_image(encode(grey), max_pixels=BUDGET))
     assert out.shape == (1, 4, 3)
     assert (out[..., 0] == [[0, 77, 200, 255]]).all()
-    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert (out[..., 0] == out[..., 1]).all()
+    assert (out[..., 1] == out[..., 2]).all()
 
 
 def test_16bit_png_rescaled():
@@ -141,7 +142,8 @@ def test_cmyk_jpeg_to_rgb():
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
     out = pixels(decode_image(data, max_pixels=BUDGET)).astype(int)
     assert abs(out[..., 0].mean() - 255) < 4
-    assert out[..., 1].mean() < 4 and out[..., 2].mean() < 4
+    assert out[..., 1].mean() < 4
+    assert out[..., 2].mean() < 4
 
 
 def test_exif_orientation_applied():
@@ -160,9 +162,11 @@ def test_to_tensor_centre_crops_shorter_side():
     bands.paste((0, 255, 0), (10, 0, 20, 10))
     bands.paste((0, 0, 255), (20, 0, 30, 10))
     tensor = image_to_tensor(bands, 10)
-    assert tensor.shape == (3, 10, 10) and tensor.dtype == torch.uint8
+    assert tensor.shape == (3, 10, 10)
+    assert tensor.dtype == torch.uint8
     assert (tensor[1] == 255).all()
-    assert (tensor[0] == 0).all() and (tensor[2] == 0).all()
+    assert (tensor[0] == 0).all()
+    assert (tensor[2] == 0).all()
 
 
 def test_to_tensor_deterministic_by_default():

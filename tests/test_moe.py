@@ -173,6 +173,14 @@ def test_dropless_every_token_gets_k_experts(top_k):
     assert torch.equal(routed, expected)
 
 
+def test_gates_are_router_probabilities():
+    # Not renormalised over the top_k: with top-1 the router then also learns through the output.
+    layer = make_layer(n_experts=4, top_k=2)
+    routing = layer.route(torch.randn(12, D), random_context(12))
+    torch.testing.assert_close(routing.gates_NK, routing.probs_NE.gather(1, routing.experts_NK))
+    assert (routing.gates_NK.sum(-1) < 1).all()
+
+
 def test_padding_output_is_zero():
     layer = make_layer(n_experts=4, top_k=2)
     context = random_context(20)

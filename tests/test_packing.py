@@ -30,14 +30,16 @@ def check_row_invariants(row, tokens_per_image):
             assert target == IGNORE_INDEX
             continue
         if target != IGNORE_INDEX:
-            assert i + 1 < T and row.document[i + 1] == row.document[i]
+            assert i + 1 < T
+            assert row.document[i + 1] == row.document[i]
             assert target == row.tokens[i + 1]
             assert row.image_index[i + 1] < 0
     for index in range(row.images.shape[0]):
         where = (row.image_index == index).nonzero().flatten()
         assert len(where) == tokens_per_image
         assert (where == torch.arange(where[0], where[0] + tokens_per_image)).all()
-        assert row.tokens[where[0] - 1] == TOK.boi_id and row.tokens[where[-1] + 1] == TOK.eoi_id
+        assert row.tokens[where[0] - 1] == TOK.boi_id
+        assert row.tokens[where[-1] + 1] == TOK.eoi_id
         assert (row.patch_index[where] == torch.arange(tokens_per_image)).all()
     for d in row.document.unique():
         if d >= 0:
@@ -73,7 +75,8 @@ def test_two_documents_do_not_leak():
     assert row.positions[second[0]] == 0
     last_of_first = second[0] - 1
     assert row.targets[last_of_first] == IGNORE_INDEX  # the eos of A does not predict B's bos
-    assert row.source[0] == DATA_TYPES.index("text") and row.source[second[0]] == DATA_TYPES.index("caption")
+    assert row.source[0] == DATA_TYPES.index("text")
+    assert row.source[second[0]] == DATA_TYPES.index("caption")
     check_row_invariants(row, 4)
 
 
@@ -135,7 +138,8 @@ def test_first_fit_fills_earlier_rows():
     for text in ("aaaaaa", "bbbbbbbbbb", "c"):  # 8, 12 (fills a row at once) and 3 positions
         rows += packer.add(doc(text, data_type="text"))
     rows += packer.flush()
-    assert rows[0].tokens[1] == ord("b") and rows[0].stats["padding"] == 0
+    assert rows[0].tokens[1] == ord("b")
+    assert rows[0].stats["padding"] == 0
     assert rows[1].tokens[1] == ord("a") and rows[1].document.max() == 1  # "c" joined the "a" row
 
 
@@ -149,7 +153,8 @@ def test_packing_is_deterministic():
     first, second = run(), run()
     assert len(first) == len(second)
     for a, b in zip(first, second):
-        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
+        assert torch.equal(a.tokens, b.tokens)
+        assert torch.equal(a.images, b.images)
         check_row_invariants(a, 4)
 
 

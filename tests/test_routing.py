@@ -211,6 +211,26 @@ def test_callback_counts_match_token_counts(tmp_path):
     assert torch.equal(counts, direct_counts(model, batches).stacked())
 
 
+def test_fit_trains_moe_and_logs_routing(tmp_path):
+    model = tiny_model()
+    train = val_batches() * 4
+    callback = RoutingStatistics()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=8, val_check_interval=8, log_every_n_steps=1,
+        logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    module = FusionModule(model, lr=3e-3, warmup_steps=1, cooldown_fraction=0.0, shuffled_image_eval=False)
+    trainer.fit(module, train_dataloaders=loader(train), val_dataloaders=loader(val_batches()))
+
+    events = read_events(trainer.logger.log_dir)
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.3, f"train/loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+    assert callback.last_scores.keys() == {0, 1}, "the validation after step 8 was logged"
+    assert len(events.Scalars("routing/specialization_layer0")) == 1, "the sanity check logs nothing"
+
+
 def test_callback_sums_over_ranks():
     # A stand-in strategy: its reduce adds the counts of a second rank whose tokens were all text
     # routed to expert 0, so the logged scores must come from the reduced counts.
@@ -252,7 +272,8 @@ def test_callback_sums_over_ranks():
 def test_callback_skips_sanity_check():
     module = FusionModule(tiny_model())
     module.log = lambda *args, **kwargs: pytest.fail("logged during the sanity check")
-    trainer = SimpleNamespace(sanity_checking=True, is_global_zero=True, loggers=[])
+    identity = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+    trainer = SimpleNamespace(strategy=identity, sanity_checking=True, is_global_zero=True, loggers=[])
     callback = RoutingStatistics()
     callback.on_validation_epoch_start(trainer, module)
     batch = val_batches()[0]

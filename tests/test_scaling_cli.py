@@ -56,7 +56,13 @@ def fitted(tmp_path_factory):
 
 def test_fit_writes_outputs(fitted):
     out, _ = fitted
-    for name in ("fit.json", "fit.md", "loss_vs_flops_mean.png", "isoflop_mean.png", "optimal_sizes_mean.png"):
+    for name in (
+        "fit.json",
+        "fit.md",
+        "loss_vs_flops_mean.png",
+        "isoflop_mean.png",
+        "optimal_sizes_mean.png",
+    ):
         assert (out / name).is_file(), name
     for name in ("loss_vs_flops_mean.png", "isoflop_mean.png", "optimal_sizes_mean.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -120,7 +126,9 @@ def test_fit_markdown_tables(fitted):
 def test_fit_counts_vision_encoder_in_N(tmp_path):
     runs = write_sweep(tmp_path / "runs", N_v=2_000_000, budgets=2, sizes=3)
     out = tmp_path / "fit"
-    assert cli.run(["fit", str(runs), "--out", str(out), "--bootstrap", "0", "--no-plots", "--no-held-out"]) == 0
+    assert (
+        cli.run(["fit", str(runs), "--out", str(out), "--bootstrap", "0", "--no-plots", "--no-held-out"]) == 0
+    )
     report = json.loads((out / "fit.json").read_text())
     summary = json.loads((runs / "run00" / "summary.json").read_text())
     first = next(r for r in report["runs"] if r["source"].endswith("run00/summary.json"))
@@ -136,7 +144,19 @@ def test_fit_all_types_skips_partial_type(tmp_path, caplog):
     runs = write_sweep(tmp_path / "runs", budgets=2, sizes=3, drop="caption")
     out = tmp_path / "fit"
     with caplog.at_level(logging.WARNING, logger="fusionlab.scaling.report"):
-        code = cli.run(["fit", str(runs), "--out", str(out), "--all-types", "--bootstrap", "0", "--no-plots", "--no-held-out"])
+        code = cli.run(
+            [
+                "fit",
+                str(runs),
+                "--out",
+                str(out),
+                "--all-types",
+                "--bootstrap",
+                "0",
+                "--no-plots",
+                "--no-held-out",
+            ]
+        )
     assert code == 0
     report = json.loads((out / "fit.json").read_text())
     assert sorted(report["fits"]) == ["interleaved", "mean", "text"]
@@ -178,13 +198,16 @@ def test_fit_rejects_empty_folder(tmp_path, capsys):
 def test_fit_reads_csv_with_types(tmp_path):
     N, D = [a.ravel() for a in np.meshgrid([1e7, 3e7, 1e8, 3e8, 1e9], [2e8, 6e8, 2e9, 6e9, 2e10])]
     lines = ["N,D,loss,type"]
-    for n, d in zip(N, D):
+    for n, d in zip(N, D, strict=True):
         lines.append(f"{n},{d},{TRUE.predict(n, d)},text")
         lines.append(f"{n},{d},{TRUE.predict(n, d) + 0.2},caption")
     path = tmp_path / "runs.csv"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "fit"
-    assert cli.run(["fit", str(path), "--out", str(out), "--type", "text", "--bootstrap", "0", "--no-plots"]) == 0
+    assert (
+        cli.run(["fit", str(path), "--out", str(out), "--type", "text", "--bootstrap", "0", "--no-plots"])
+        == 0
+    )
     fit = json.loads((out / "fit.json").read_text())["fits"]["text"]
     assert fit["n_runs"] == 25
     assert fit["params"]["alpha"] == pytest.approx(TRUE.alpha, abs=1e-4)
@@ -219,7 +242,18 @@ def test_predict_compares_two_fits(fitted, tmp_path, capsys):
     other["fits"]["mean"]["params"]["alpha"] = 0.5  # a fit that favours larger models
     del other["fits"]["mean"]["bootstrap"]
     (tmp_path / "fit.json").write_text(json.dumps(other))
-    code = cli.run(["predict", "--fit", str(out / "fit.json"), "--fit", str(tmp_path / "fit.json"), "--flops", "1e20", "1e22"])
+    code = cli.run(
+        [
+            "predict",
+            "--fit",
+            str(out / "fit.json"),
+            "--fit",
+            str(tmp_path / "fit.json"),
+            "--flops",
+            "1e20",
+            "1e22",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     header = [line for line in text.splitlines() if str(tmp_path / "fit.json") in line]
@@ -265,6 +299,10 @@ def test_import_loads_no_heavy_modules():
     import subprocess
     import sys
 
-    code = "import sys, fusionlab.scaling.cli, fusionlab.scaling; print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'matplotlib', 'torch', 'lightning'}))"
+    code = (
+        "import sys, fusionlab.scaling.cli, fusionlab.scaling\n"
+        "heavy = {'scipy', 'matplotlib', 'torch', 'lightning'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

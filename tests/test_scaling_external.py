@@ -46,7 +46,12 @@ def test_chinchilla_plain_approach_3():
     N, D, L = load_chinchilla()
     assert len(L) == 240
     # the grid of the replication: alpha, beta to 2, log_A, log_B to 25
-    starts = make_grid(alpha=np.arange(0, 2.1, 0.5), beta=np.arange(0, 2.1, 0.5), log_A=np.arange(0, 26, 5), log_B=np.arange(0, 26, 5))
+    starts = make_grid(
+        alpha=np.arange(0, 2.1, 0.5),
+        beta=np.arange(0, 2.1, 0.5),
+        log_A=np.arange(0, 26, 5),
+        log_B=np.arange(0, 26, 5),
+    )
     fit = fit_scaling_law(N, D, L, starts=starts)
     p = fit.params
     assert abs(p.E - 1.81724) < 1e-3

@@ -94,10 +94,18 @@ def test_huber_objective_matches_direct_formula():
     from scipy.special import huber, logsumexp
 
     N, D, L = noisy_sweep(CHINCHILLA)
-    terms = np.stack([np.log(CHINCHILLA.A) - 0.34 * np.log(N), np.log(CHINCHILLA.B) - 0.28 * np.log(D), np.full(len(N), np.log(1.69))])
+    terms = np.stack(
+        [
+            np.log(CHINCHILLA.A) - 0.34 * np.log(N),
+            np.log(CHINCHILLA.B) - 0.28 * np.log(D),
+            np.full(len(N), np.log(1.69)),
+        ]
+    )
     expected = huber(1e-3, logsumexp(terms, axis=0) - np.log(L))
     assert fitting.huber_objective(CHINCHILLA, N, D, L) == pytest.approx(expected.sum(), rel=1e-12)
-    assert fitting.huber_objective(CHINCHILLA, N, D, L, reduction="mean") == pytest.approx(expected.mean(), rel=1e-12)
+    assert fitting.huber_objective(CHINCHILLA, N, D, L, reduction="mean") == pytest.approx(
+        expected.mean(), rel=1e-12
+    )
 
 
 def test_fit_reaches_lower_objective_than_truth_on_noisy_data():
@@ -111,7 +119,11 @@ def test_fit_reaches_lower_objective_than_truth_on_noisy_data():
 
 @pytest.mark.parametrize(
     "column, value, message",
-    [(0, -1.0, r"N\[3\] = -1.0 is invalid"), (1, np.nan, r"D\[3\] = nan is invalid"), (2, 0.0, r"L\[3\] = 0.0 is invalid")],
+    [
+        (0, -1.0, r"N\[3\] = -1.0 is invalid"),
+        (1, np.nan, r"D\[3\] = nan is invalid"),
+        (2, 0.0, r"L\[3\] = 0.0 is invalid"),
+    ],
 )
 def test_validate_runs_names_bad_value(column, value, message):
     data = [np.full(6, 1e8), np.full(6, 1e9), np.full(6, 3.0)]
@@ -170,7 +182,7 @@ def test_regression_follows_extra_compute():
     model = approaches.LinearFlopsPerToken(6.0, 1.8e9)
     C = np.geomspace(1e19, 1e23, 12)
     result = approaches.compute_optimal_regression(CHINCHILLA, C, model)
-    for budget, N_star in zip(C, result["N_star"]):
+    for budget, N_star in zip(C, result["N_star"], strict=True):
         N = N_star * np.exp(np.linspace(-0.1, 0.1, 41))  # N_star at index 20
         loss = CHINCHILLA.predict(N, budget / model(N))
         assert np.argmin(loss) == 20
@@ -221,7 +233,7 @@ def test_isoflop_minima_find_parabola_vertices():
     C = np.repeat([1e19, 1e20, 1e21], 5)
     N_opt = {1e19: 1e8, 1e20: 3e8, 1e21: 9e8}
     N = np.concatenate([N_opt[c] * np.geomspace(0.25, 4, 5) for c in (1e19, 1e20, 1e21)])
-    L = np.array([2.0 + 0.1 * math.log(n / N_opt[c]) ** 2 for c, n in zip(C, N)])
+    L = np.array([2.0 + 0.1 * math.log(n / N_opt[c]) ** 2 for c, n in zip(C, N, strict=True)])
     result = approaches.isoflop_minima(C * (1 + 0.01 * np.tile(np.arange(5), 3)), N, L)
     assert [m.x_opt for m in result.minima] == pytest.approx([1e8, 3e8, 9e8], rel=1e-6)
     assert all(m.inside for m in result.minima)
@@ -264,8 +276,10 @@ def test_bootstrap_rounds_reach_their_optimum():
     samples = fitting.bootstrap_fits(N, D, L, best, rounds=5, seed=0)
     picks = np.random.default_rng(0).integers(0, len(N), size=(5, len(N)))
     spread = samples.std(axis=0)
-    for row, pick in zip(samples, picks):
-        objective = fitting._Objective(N, D, L, fitting.HUBER_DELTA, np.bincount(pick, minlength=len(N)).astype(float))
+    for row, pick in zip(samples, picks, strict=True):
+        objective = fitting._Objective(
+            N, D, L, fitting.HUBER_DELTA, np.bincount(pick, minlength=len(N)).astype(float)
+        )
         u = objective.to_internal(ScalingLawParams(*row).log_params)
         polished, _ = fitting._polish(objective, u)
         assert np.abs(objective.from_internal(polished) - ScalingLawParams(*row).log_params).max() < 1e-4

@@ -1,34 +1,27 @@
-"""Shards -> samples -> packed batches: tokenizers, image decoding, shard formats, packing, the DataModule."""
+"""Shards -> samples -> packed batches: tokenizers, image decoding, shard formats, packing, the DataModule.
 
-from fusionlab.data.datamodule import FusionDataModule, RowStream, Source, expand_shards
-from fusionlab.data.errors import ShardReadError, SkipCounter, SkipSample, StrictDataError
-from fusionlab.data.formats import Document, SampleDecoder, decode_samples, tar_samples
-from fusionlab.data.images import decode_image, image_to_tensor, patchify, to_rgb
-from fusionlab.data.packing import Packer, Row, collate_rows
-from fusionlab.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+Names are imported on first access, so that `fusionlab.data.build` (writing shards) loads neither
+torch nor Lightning.
+"""
 
-__all__ = [
-    "ByteTokenizer",
-    "Document",
-    "FusionDataModule",
-    "HFTokenizer",
-    "Packer",
-    "Row",
-    "RowStream",
-    "SampleDecoder",
-    "ShardReadError",
-    "SkipCounter",
-    "SkipSample",
-    "Source",
-    "StrictDataError",
-    "Tokenizer",
-    "collate_rows",
-    "decode_image",
-    "decode_samples",
-    "expand_shards",
-    "image_to_tensor",
-    "load_tokenizer",
-    "patchify",
-    "tar_samples",
-    "to_rgb",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "datamodule": ("FusionDataModule", "RowStream", "Source", "expand_shards"),
+    "errors": ("ShardReadError", "SkipCounter", "SkipSample", "StrictDataError"),
+    "formats": ("Document", "SampleDecoder", "decode_samples", "tar_samples"),
+    "images": ("decode_image", "image_to_tensor", "patchify", "to_rgb"),
+    "packing": ("Packer", "Row", "collate_rows"),
+    "tokenizer": ("ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -136,6 +136,7 @@ class RowStream(IterableDataset):
         self.settings = settings
         self.train = train
         self.resample = resample and train
+        self._epoch = 0  # counts __iter__ calls; DataLoader workers must be persistent to carry it
         # TODO(resume): report the position of the batch being trained (per reader: shard draws,
         # samples consumed, shuffle buffer and RNG states) through state_dict/load_state_dict, so that
         # a resumed run sees the same samples in the same order; today a resume restarts the stream.
@@ -144,10 +145,14 @@ class RowStream(IterableDataset):
         rank, world_size, worker, n_workers = _reader_info()
         reader, n_readers = rank * n_workers + worker, world_size * n_workers
         s = self.settings
+        epoch = self._epoch
+        self._epoch += 1  # a new shuffle and mixture order for each pass over finite sources
         counter = SkipCounter(strict=s.strict)
-        streams = [self._documents(i, source, reader, n_readers, counter) for i, source in enumerate(self.sources)]
+        streams = [
+            self._documents(i, source, reader, n_readers, counter, epoch) for i, source in enumerate(self.sources)
+        ]
         if self.train:
-            rng = random.Random(f"mix/{s.seed}/{reader}")
+            rng = random.Random(f"mix/{s.seed}/{epoch}/{reader}")
             documents = _mix(streams, [source.weight for source in self.sources], rng)
         else:
             documents = chain.from_iterable(streams)
@@ -158,15 +163,17 @@ class RowStream(IterableDataset):
             yield from packer.add(document)
         if self.resample:
             raise RuntimeError(
-                f"every training source stopped producing usable samples ({[x.urls for x in self.sources]}); "
+                f"every training source stopped producing usable samples ({[source.urls for source in self.sources]}); "
                 "see the warnings above for the reasons they were skipped"
             )
         packer.add_stats(counter.drain())
         yield from packer.flush()
 
-    def _documents(self, index: int, source: _ResolvedSource, reader: int, n_readers: int, counter: SkipCounter):
+    def _documents(
+        self, index: int, source: _ResolvedSource, reader: int, n_readers: int, counter: SkipCounter, epoch: int
+    ) -> Iterator[Document]:
         s = self.settings
-        rng = random.Random(f"source/{s.seed}/{reader}/{index}")
+        rng = random.Random(f"source/{s.seed}/{epoch}/{reader}/{index}")
         augment = self.train and (s.random_crop or s.hflip)
         decoder = SampleDecoder(
             source.type, s.image_size, s.max_pixels,
@@ -180,9 +187,8 @@ class RowStream(IterableDataset):
             yield from decode_samples(self._shuffled(samples, rng), decoder, counter)
             return
 
-        # Resampling: passes of len(shards) draws with replacement. Few shards for many readers is
-        # fine here, because each reader draws from them with its own RNG.
-        shards = shards if not split_samples else source.shards
+        # Resampling: passes of len(shards) draws with replacement. With fewer shards than readers,
+        # every reader draws from all of them, each with its own RNG.
         while True:
             draws = [rng.choice(shards) for _ in shards]
             produced = 0
@@ -318,6 +324,8 @@ class FusionDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
+        # NOTE: ranks may get different numbers of validation batches (each sample is read once), so
+        # metrics must be reduced once per epoch and every rank must log the same metric names.
         return self._loader(RowStream(self._resolve("val"), self._settings(), train=False, resample=False))
 
     def _loader(self, dataset: RowStream) -> DataLoader:
@@ -355,7 +363,7 @@ def _as_source(source: Source | dict) -> Source:
 
 
 def _resolve_sources(sources: list[Source], role: str) -> list[_ResolvedSource]:
-    """Expand each source's shards, leaving out (with one warning each) sources that hold no sample."""
+    """Expand each source's shards, leaving out (with one warning each) sources that contain no sample."""
     resolved = []
     for source in sources:
         shards = expand_shards(source.urls)

@@ -76,8 +76,8 @@ def tar_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None
 
     Members are grouped into samples as webdataset does: the key is the member name up to the first
     dot of its base name. A shard that fails to open or read gives `handler` one ShardReadError
-    naming the shard and the key being read; the sample being read and the rest of that shard are
-    lost. The handler returns True to go on with the next shard; otherwise the error is raised.
+    naming the shard and the key being read. The sample being read and the rest of that shard are
+    lost. The handler returns True to go on with the next shard, and otherwise the error is raised.
     """
     for url in urls:
         yield from _read_shard(url, handler)
@@ -136,9 +136,9 @@ def _close_quietly(stream) -> None:
 class SampleDecoder:
     """Decode a raw sample of one source type into a Document, or raise SkipSample with a reason.
 
-    Images become uint8 tensors [3, image_size, image_size] (see images.image_to_tensor). In an
-    interleaved document a bad image is dropped and passed to `on_image_skip`, and the rest of the
-    document is kept; without `on_image_skip` the whole document is skipped.
+    Images become uint8 tensors [3, image_size, image_size] (see images.image_to_tensor). A bad
+    image of an interleaved document is dropped and passed to `on_image_skip`, and the rest of the
+    document is kept. Without `on_image_skip`, the whole document is skipped.
     """
 
     def __init__(
@@ -258,7 +258,7 @@ def _text_member(sample: dict) -> str:
     except UnicodeDecodeError as exn:
         raise SkipSample("invalid_text", f"txt member is not UTF-8: {exn}") from exn
     if not text.strip():
-        raise SkipSample("empty_text", f"txt member of {len(sample['txt'])} bytes holds no text")
+        raise SkipSample("empty_text", f"txt member of {len(sample['txt'])} bytes contains no text")
     return text.strip()
 
 

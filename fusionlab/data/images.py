@@ -39,7 +39,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))  # parses the header only
     except Image.DecompressionBombError as exn:
-        # Pillow rejects headers past twice its own limit before we see the size.
+        # Image.open itself rejects sizes above twice Image.MAX_IMAGE_PIXELS, before the check below.
         raise SkipSample("image_too_large", f"declared size rejected by Pillow: {exn}") from exn
     except DECODE_ERRORS as exn:
         raise SkipSample("image_undecodable", f"{type(exn).__name__}: {exn}") from exn

@@ -3,7 +3,7 @@
 Token layout of a document: `<bos>`, then per segment either the encoded text or
 `<boi>`, tokens_per_image x `<image>`, `<eoi>`, then `<eos>`. A text token is one unit and an image
 (`<boi>` + patches + `<eoi>`) is one atomic unit: a document longer than the context is cut only
-between units, so no row ever holds part of an image. Each piece of a cut document is packed as a
+between units, so no row ever contains part of an image. Each piece of a cut document is packed as a
 document of its own, with positions restarting at 0.
 
 Targets are the next token of the same document or piece, so `targets[i] == tokens[i + 1]` wherever

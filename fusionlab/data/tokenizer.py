@@ -77,9 +77,9 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face `tokenizers` JSON file whose special tokens are named as in SPECIAL_TOKENS.
 
-    Text that spells a special token is encoded as ordinary text: the file's special tokens are
-    encoded as text (`encode_special_tokens`), and this tokenizer's own special strings are cut
-    into single characters before encoding, in case the file registers them as non-special tokens.
+    Text that spells a special token is encoded as ordinary text. The file's special tokens are
+    encoded as text through `encode_special_tokens`. The strings in SPECIAL_TOKENS are also cut into
+    single characters before encoding, because a file may register them as non-special tokens.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:

@@ -2,5 +2,6 @@
 
 from fusionlab.models.base import Backbone, BackboneOutput, ParameterCounts
 from fusionlab.models.early_fusion import EarlyFusion
+from fusionlab.models.late_fusion import LateFusion
 
-__all__ = ["Backbone", "BackboneOutput", "EarlyFusion", "ParameterCounts"]
+__all__ = ["Backbone", "BackboneOutput", "EarlyFusion", "LateFusion", "ParameterCounts"]

@@ -101,7 +101,9 @@ def isoflop_minima(C, x, L, *, rtol: float = 0.05, min_runs: int = 3) -> IsoFlop
         log_opt = -p1 / (2 * p0)
         inside = bool(log_x.min() <= log_opt <= log_x.max())
         L_opt = p2 - p1**2 / (4 * p0)
-        minima.append(IsoFlopMinimum(C_group, float(np.exp(log_opt)), L_opt, int(m.sum()), inside, (p0, p1, p2)))
+        minima.append(
+            IsoFlopMinimum(C_group, float(np.exp(log_opt)), L_opt, int(m.sum()), inside, (p0, p1, p2))
+        )
     power_law = None
     if len(minima) >= 2:
         power_law = fit_power_law([m.C for m in minima], [m.x_opt for m in minima])

@@ -1,7 +1,7 @@
 """`fusionlab scaling`: fit scaling laws to finished runs and predict compute-optimal sizes.
 
-    fusionlab scaling fit runs/ --out fits/early        # fit.json, fit.md and PNG plots
-    fusionlab scaling predict --fit fits/early/fit.json --fit fits/late/fit.json --flops 1e21 1e22
+fusionlab scaling fit runs/ --out fits/early        # fit.json, fit.md and PNG plots
+fusionlab scaling predict --fit fits/early/fit.json --fit fits/late/fit.json --flops 1e21 1e22
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _positive_int(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is invalid: use 0 or more")
@@ -42,39 +42,100 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     fit = commands.add_parser(
         "fit",
         help="fit L = E + A/N^alpha + B/D^beta to finished runs",
-        description="Fit L(N, D) = E + A / N^alpha + B / D^beta to runs (approach 3 of Hoffmann et al. 2022) "
-        "and write fit.json, fit.md and PNG plots, with bootstrap intervals, a held-out check, IsoFLOP "
-        "minima (approach 2) and the loss-compute frontier.",
+        description="Fit L(N, D) = E + A / N^alpha + B / D^beta to runs (approach 3 of Hoffmann et al. "
+        "2022) and write fit.json, fit.md and PNG plots, with bootstrap intervals, a held-out check, "
+        "IsoFLOP minima (approach 2) and the loss-compute frontier.",
     )
-    fit.add_argument("inputs", nargs="+", metavar="INPUT", help="summary.json files, run folders (searched recursively) or CSV files with columns N, D, loss[, type, C]")
-    fit.add_argument("--out", type=Path, required=True, help="output folder for fit.json, fit.md and the plots")
+    fit.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="summary.json files, run folders (searched recursively) or CSV files with columns "
+        "N, D, loss and optionally type, C",
+    )
+    fit.add_argument("--out", type=Path, required=True, help="output folder for fit.json, fit.md and plots")
     types = fit.add_mutually_exclusive_group()
-    types.add_argument("--type", dest="loss_type", help="validation loss to fit (caption, interleaved, text, mean); default: mean")
+    types.add_argument(
+        "--type",
+        dest="loss_type",
+        help="validation loss to fit (caption, interleaved, text, mean); default: mean, or a CSV's only type",
+    )
     types.add_argument("--all-types", action="store_true", help="fit every data type that all runs report")
-    fit.add_argument("--bootstrap", type=_positive_int, default=100, metavar="ROUNDS", help="bootstrap rounds for the intervals, 0 to skip (default: 100)")
+    fit.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=100,
+        metavar="ROUNDS",
+        help="bootstrap rounds for the intervals, 0 to skip (default: 100)",
+    )
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
-    fit.add_argument("--confidence", type=_confidence, default=0.95, help="coverage of the bootstrap intervals (default: 0.95)")
-    fit.add_argument("--delta", type=_positive_float, default=1e-3, help="Huber delta, in log loss (default: 1e-3)")
-    fit.add_argument("--reduction", choices=("sum", "mean"), default="sum", help="sum or average the Huber terms over runs (default: sum)")
-    fit.add_argument("--budget-rtol", type=_positive_float, default=0.05, help="relative spread of compute within one IsoFLOP budget (default: 0.05)")
-    fit.add_argument("--no-held-out", dest="held_out", action="store_false", help="skip refitting without the largest model size")
+    fit.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.95,
+        help="coverage of the bootstrap intervals (default: 0.95)",
+    )
+    fit.add_argument(
+        "--delta", type=_positive_float, default=1e-3, help="Huber delta, in log loss (default: 1e-3)"
+    )
+    fit.add_argument(
+        "--reduction",
+        choices=("sum", "mean"),
+        default="sum",
+        help="sum or average the Huber terms over runs (default: sum)",
+    )
+    fit.add_argument(
+        "--budget-rtol",
+        type=_positive_float,
+        default=0.05,
+        help="relative spread of compute within one IsoFLOP budget (default: 0.05)",
+    )
+    fit.add_argument(
+        "--no-held-out",
+        dest="held_out",
+        action="store_false",
+        help="skip refitting without the largest model size",
+    )
     fit.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
 
     predict = commands.add_parser(
         "predict",
         help="print compute-optimal N*, D* and loss for a compute budget",
         description="Print compute-optimal N*, D*, tokens per parameter and loss at each budget, with "
-        "bootstrap intervals; several --fit files are shown side by side.",
+        "bootstrap intervals. Several --fit files are shown side by side.",
     )
-    predict.add_argument("--fit", dest="fits", action="append", required=True, type=Path, metavar="FIT", help="fit.json written by `fusionlab scaling fit`; repeat to compare fits")
-    predict.add_argument("--flops", type=_positive_float, nargs="+", required=True, metavar="C", help="training compute budgets in FLOPs")
-    predict.add_argument("--type", dest="loss_type", help="which fitted data type to use; default: mean, or the only one")
-    predict.add_argument("--confidence", type=_confidence, default=0.95, help="coverage of the intervals (default: 0.95)")
+    predict.add_argument(
+        "--fit",
+        dest="fits",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="FIT",
+        help="fit.json written by `fusionlab scaling fit`; repeat to compare fits",
+    )
+    predict.add_argument(
+        "--flops",
+        type=_positive_float,
+        nargs="+",
+        required=True,
+        metavar="C",
+        help="training compute budgets in FLOPs",
+    )
+    predict.add_argument(
+        "--type", dest="loss_type", help="fitted data type to use; default: mean, or the only one"
+    )
+    predict.add_argument(
+        "--confidence", type=_confidence, default=0.95, help="coverage of the intervals (default: 0.95)"
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `scaling` command to a top-level `add_subparsers()` object and return its parser."""
-    parser = subparsers.add_parser("scaling", help="fit scaling laws and predict compute-optimal sizes", description=__doc__.split("\n")[0])
+    parser = subparsers.add_parser(
+        "scaling",
+        help="fit scaling laws and predict compute-optimal sizes",
+        description=__doc__.split("\n")[0],
+    )
     _configure(parser)
     parser.set_defaults(func=main)
     return parser
@@ -161,7 +222,7 @@ def _predict(args: argparse.Namespace) -> int:
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         print(f"\nC = {C:.3g} FLOPs")
         for row in cells:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

@@ -20,8 +20,8 @@ How the multi-start search runs, all in float64:
 The rescaling in step 3 matters because SciPy's L-BFGS-B stops when the objective falls by less
 than ftol * max(|f|, 1). A summed Huber objective is often about 1e-3 and an averaged one far
 smaller, so the default ftol of 2.2e-9 can end the search after a few iterations, far from the
-optimum, while still reporting success. Internally the optimisers use log N and log D centred on their means, which
-decorrelates log_A from alpha and log_B from beta. Neither change moves the optimum.
+optimum, while still reporting success. Internally the optimisers use log N and log D centred on
+their means, which decorrelates log_A from alpha and log_B from beta. Neither change moves the optimum.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ class ScalingLawParams(NamedTuple):
         return self.alpha / (self.alpha + self.beta)
 
     @classmethod
-    def from_log(cls, log_E: float, log_A: float, log_B: float, alpha: float, beta: float) -> ScalingLawParams:
+    def from_log(
+        cls, log_E: float, log_A: float, log_B: float, alpha: float, beta: float
+    ) -> ScalingLawParams:
         """Build the parameters from the fit's coordinates (log_E, log_A, log_B, alpha, beta)."""
         return cls(math.exp(log_E), math.exp(log_A), math.exp(log_B), float(alpha), float(beta))
 
@@ -92,8 +94,8 @@ class ScalingLawParams(NamedTuple):
         """
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError(
-                f"compute-optimal sizes need alpha > 0 and beta > 0, got alpha={self.alpha}, beta={self.beta}; "
-                "the law has no interior optimum, so refit with more varied N and D"
+                f"compute-optimal sizes need alpha > 0 and beta > 0, got alpha={self.alpha}, "
+                f"beta={self.beta}: the law has no interior optimum, so refit with more varied N and D"
             )
         C = np.asarray(C, dtype=np.float64)
         G = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
@@ -122,7 +124,9 @@ def make_grid(**values) -> np.ndarray:
     if unknown:
         raise ValueError(f"unknown grid keys {sorted(unknown)}; use {sorted(DEFAULT_GRID)}")
     axes = {**DEFAULT_GRID, **{k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in values.items()}}
-    mesh = np.meshgrid(axes["log_E"], axes["log_A"], axes["log_B"], axes["alpha"], axes["beta"], indexing="ij")
+    mesh = np.meshgrid(
+        axes["log_E"], axes["log_A"], axes["log_B"], axes["alpha"], axes["beta"], indexing="ij"
+    )
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
@@ -134,7 +138,9 @@ def validate_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bad = ~np.isfinite(x) | (x <= 0)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}[{i}] = {float(x[i])!r} is invalid: {name} must be finite and positive for every run")
+            raise ValueError(
+                f"{name}[{i}] = {float(x[i])!r} is invalid: {name} must be finite and positive for every run"
+            )
         arrays.append(x)
     if not len(arrays[0]) == len(arrays[1]) == len(arrays[2]):
         raise ValueError(f"N, D and L must have one value per run, got lengths {[len(x) for x in arrays]}")
@@ -322,7 +328,11 @@ def _polish(objective: _Objective, u0: np.ndarray, max_restarts: int = 5) -> tup
 
         # ftol and gtol act on the rescaled objective, which starts at 1, so they are relative
         result = minimize(
-            scaled, u, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-13, "maxls": 50}
+            scaled,
+            u,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-13, "maxls": 50},
         )
         f_new = evaluate(result.x)[0]
         if not f_new < f:
@@ -371,7 +381,9 @@ def fit_scaling_law(
 
     # refinement: the best starts run until the line search stalls
     if not np.isfinite(f).any():
-        raise ValueError("the objective is not finite at any start; check that N, D and L are in plain units, not logs")
+        raise ValueError(
+            "the objective is not finite at any start; check that N, D and L are in plain units, not logs"
+        )
     f = np.where(np.isfinite(f), f, np.inf)
     best = np.argsort(f, kind="stable")[:n_refine]
     u, f, _ = _lbfgs_batched(objective, u[best], max_iter=3000, ftol=1e-14)
@@ -402,7 +414,9 @@ def _gradient_in_log_params(g: np.ndarray, objective: _Objective) -> np.ndarray:
     return out
 
 
-def huber_objective(params: ScalingLawParams, N, D, L, *, delta: float = HUBER_DELTA, reduction: Reduction = "sum") -> float:
+def huber_objective(
+    params: ScalingLawParams, N, D, L, *, delta: float = HUBER_DELTA, reduction: Reduction = "sum"
+) -> float:
     """Return the fit's Huber objective at `params`, to compare fits on the same runs."""
     N, D, L = validate_runs(N, D, L)
     objective = _Objective(N, D, L, delta, _run_weights(len(N), reduction))
@@ -440,7 +454,9 @@ def bootstrap_fits(
     u0 = np.repeat(objective.to_internal(best.log_params[None, :]), rounds, axis=0)
     u, _, _ = _lbfgs_batched(objective, u0, max_iter=3000, ftol=1e-13)
     theta = objective.from_internal(u)
-    return np.column_stack([np.exp(theta[:, 0]), np.exp(theta[:, 1]), np.exp(theta[:, 2]), theta[:, 3], theta[:, 4]])
+    return np.column_stack(
+        [np.exp(theta[:, 0]), np.exp(theta[:, 1]), np.exp(theta[:, 2]), theta[:, 3], theta[:, 4]]
+    )
 
 
 def goodness_of_fit(params: ScalingLawParams, N, D, L) -> dict[str, float | None]:
@@ -452,7 +468,11 @@ def goodness_of_fit(params: ScalingLawParams, N, D, L) -> dict[str, float | None
     error = params.predict(N, D) - L
     ss_tot = float(((L - L.mean()) ** 2).sum())
     r2 = 1.0 - float((error**2).sum()) / ss_tot if len(L) > 1 and ss_tot > 0 else None
-    return {"r2": r2, "mae": float(np.abs(error).mean()), "mape_percent": float(100 * np.abs(error / L).mean())}
+    return {
+        "r2": r2,
+        "mae": float(np.abs(error).mean()),
+        "mape_percent": float(100 * np.abs(error / L).mean()),
+    }
 
 
 def held_out_check(N, D, L, *, rtol: float = 0.01, **fit_kwargs) -> dict:

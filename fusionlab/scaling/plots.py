@@ -31,7 +31,9 @@ def _plain_ticks(axis) -> None:
     axis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
-def plot_loss_vs_flops(path: Path, params: ScalingLawParams, N, D, C, L, hull=None, frontier=None, title: str = "") -> Path:
+def plot_loss_vs_flops(
+    path: Path, params: ScalingLawParams, N, D, C, L, hull=None, frontier=None, title: str = ""
+) -> Path:
     """Scatter loss against compute, coloured by model size, with the fitted law along each size.
 
     A size's curve is drawn at compute r * 6 N D, where r is the median C / (6 N D) of its runs,
@@ -49,14 +51,22 @@ def plot_loss_vs_flops(path: Path, params: ScalingLawParams, N, D, C, L, hull=No
         size = float(np.median(N[m]))
         ratio = float(np.median(C[m] / (6 * N[m] * D[m])))
         D_curve = np.geomspace(D[m].min() / 2, D[m].max() * 2, 100)
-        ax.plot(ratio * 6 * size * D_curve, params.predict(size, D_curve), color=cmap(norm(size)), lw=1, alpha=0.8)
+        ax.plot(
+            ratio * 6 * size * D_curve, params.predict(size, D_curve), color=cmap(norm(size)), lw=1, alpha=0.8
+        )
         ax.scatter(C[m], L[m], color=cmap(norm(size)), s=14)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parameters N")
     if hull is not None and len(hull) >= 2:
         ax.plot(C[hull], L[hull], "k--", lw=1, label="lower convex hull")
     if frontier is not None:
         C_line = np.geomspace(C.min(), C.max(), 50)
-        ax.plot(C_line, frontier(C_line), color="crimson", lw=1.5, label=f"L = {frontier.k:.3g} C^{frontier.exponent:.4f}")
+        ax.plot(
+            C_line,
+            frontier(C_line),
+            color="crimson",
+            lw=1.5,
+            label=f"L = {frontier.k:.3g} C^{frontier.exponent:.4f}",
+        )
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss", title=title)
     _plain_ticks(ax.yaxis)
     ax.legend(fontsize=8)
@@ -66,7 +76,9 @@ def plot_loss_vs_flops(path: Path, params: ScalingLawParams, N, D, C, L, hull=No
     return path
 
 
-def plot_isoflop(path: Path, C, x, L, result: approaches.IsoFlopResult, rtol: float, x_label: str = "N", title: str = "") -> Path:
+def plot_isoflop(
+    path: Path, C, x, L, result: approaches.IsoFlopResult, rtol: float, x_label: str = "N", title: str = ""
+) -> Path:
     """Plot loss against x for each compute budget with its parabola and minimum."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -81,7 +93,9 @@ def plot_isoflop(path: Path, C, x, L, result: approaches.IsoFlopResult, rtol: fl
         if minimum is not None:
             log_x = np.linspace(np.log(x[m]).min(), np.log(x[m]).max(), 100)
             ax.plot(np.exp(log_x), np.polyval(minimum.coef, log_x), color=colours[group], lw=1)
-            ax.scatter([minimum.x_opt], [minimum.L_opt], color=colours[group], marker="*", s=80, edgecolor="k")
+            ax.scatter(
+                [minimum.x_opt], [minimum.L_opt], color=colours[group], marker="*", s=80, edgecolor="k"
+            )
     if not result.minima:
         ax.text(0.5, 0.5, "no compute budget has 3 or more sizes", transform=ax.transAxes, ha="center")
     ax.set(xscale="log", xlabel=x_label, ylabel="validation loss", title=title)
@@ -92,7 +106,9 @@ def plot_isoflop(path: Path, C, x, L, result: approaches.IsoFlopResult, rtol: fl
     return path
 
 
-def plot_optimal_sizes(path: Path, params: ScalingLawParams, C, minima_N=(), minima_D=(), title: str = "") -> Path:
+def plot_optimal_sizes(
+    path: Path, params: ScalingLawParams, C, minima_N=(), minima_D=(), title: str = ""
+) -> Path:
     """Plot the closed-form N*(C) and D*(C) of the fit, with IsoFLOP minima where there are any."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -101,10 +117,24 @@ def plot_optimal_sizes(path: Path, params: ScalingLawParams, C, minima_N=(), min
     ax.plot(C_line, N_star, color="tab:blue", label=f"N* ~ C^{params.a:.3f} (fit)")
     ax.plot(C_line, D_star, color="tab:orange", label=f"D* ~ C^{params.b:.3f} (fit)")
     if minima_N:
-        ax.scatter([m.C for m in minima_N], [m.x_opt for m in minima_N], color="tab:blue", marker="o", label="N*, IsoFLOP")
+        ax.scatter(
+            [m.C for m in minima_N],
+            [m.x_opt for m in minima_N],
+            color="tab:blue",
+            marker="o",
+            label="N*, IsoFLOP",
+        )
     if minima_D:
-        ax.scatter([m.C for m in minima_D], [m.x_opt for m in minima_D], color="tab:orange", marker="s", label="D*, IsoFLOP")
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="parameters N* / tokens D*", title=title)
+        ax.scatter(
+            [m.C for m in minima_D],
+            [m.x_opt for m in minima_D],
+            color="tab:orange",
+            marker="s",
+            label="D*, IsoFLOP",
+        )
+    ax.set(
+        xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="parameters N* / tokens D*", title=title
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -126,5 +156,9 @@ def plot_all(out: Path, loss_type: str, params: ScalingLawParams, N, D, C, L, fi
         plot_isoflop(out / f"isoflop_{loss_type}.png", C, N, L, by_N, rtol, "parameters N", title),
     ]
     if params.alpha > 0 and params.beta > 0:
-        paths.append(plot_optimal_sizes(out / f"optimal_sizes_{loss_type}.png", params, C, by_N.minima, by_D.minima, title))
+        paths.append(
+            plot_optimal_sizes(
+                out / f"optimal_sizes_{loss_type}.png", params, C, by_N.minima, by_D.minima, title
+            )
+        )
     return paths

@@ -98,7 +98,9 @@ def _lookup(data: dict, keys: str, path: Path):
     value = data
     for key in keys.split("."):
         if not isinstance(value, dict) or key not in value:
-            raise InputError(f"{path}: missing key {keys!r}; fusionlab training runs write it to summary.json")
+            raise InputError(
+                f"{path}: missing key {keys!r}; fusionlab training runs write it to summary.json"
+            )
         value = value[key]
     return value
 
@@ -156,9 +158,14 @@ def _read_csv(path: Path) -> list[Run]:
         loss_type = (row.get("type") or CSV_LOSS_TYPE).strip()
         run = runs.setdefault((N, D, C), {"losses": {}, "source": source, "flops_reported": has_C})
         if loss_type in run["losses"]:
-            raise InputError(f"{source}: a second {loss_type!r} loss for N={N:g}, D={D:g}; keep one row per run and type")
+            raise InputError(
+                f"{source}: a second {loss_type!r} loss for N={N:g}, D={D:g}; keep one row per run and type"
+            )
         run["losses"][loss_type] = _positive(row["loss"], "loss", source)
-    return [Run(N, D, C, r["losses"], r["source"], r["flops_reported"], from_csv=True) for (N, D, C), r in runs.items()]
+    return [
+        Run(N, D, C, r["losses"], r["source"], r["flops_reported"], from_csv=True)
+        for (N, D, C), r in runs.items()
+    ]
 
 
 def select_types(runs: Sequence[Run], loss_type: str | None, all_types: bool) -> list[str]:
@@ -178,8 +185,12 @@ def select_types(runs: Sequence[Run], loss_type: str | None, all_types: bool) ->
         loss_type = DEFAULT_TYPE if DEFAULT_TYPE in shared or len(shared) != 1 else next(iter(shared))
     for run in runs:
         if loss_type not in run.losses:
-            problem = f"no loss of type {loss_type!r}" if run.from_csv else f"missing key 'val_loss.{loss_type}'"
-            raise InputError(f"{run.source}: {problem}; it reports {sorted(run.losses)}, so pick one of those with --type")
+            problem = (
+                f"no loss of type {loss_type!r}" if run.from_csv else f"missing key 'val_loss.{loss_type}'"
+            )
+            raise InputError(
+                f"{run.source}: {problem}; it reports {sorted(run.losses)}, so pick one of those with --type"
+            )
     return [loss_type]
 
 
@@ -244,7 +255,9 @@ def _held_out(N, D, L, options: FitOptions) -> dict:
     if not options.held_out:
         return {"skipped": "disabled"}
     try:
-        return held_out_check(N, D, L, starts=options.starts, delta=options.delta, reduction=options.reduction)
+        return held_out_check(
+            N, D, L, starts=options.starts, delta=options.delta, reduction=options.reduction
+        )
     except ValueError as error:
         return {"skipped": str(error)}
 
@@ -253,13 +266,23 @@ def _bootstrap(N, D, L, params: ScalingLawParams, options: FitOptions) -> dict:
     if options.bootstrap_rounds <= 0:
         return {}
     samples = bootstrap_fits(
-        N, D, L, params, rounds=options.bootstrap_rounds, seed=options.seed, delta=options.delta, reduction=options.reduction
+        N,
+        D,
+        L,
+        params,
+        rounds=options.bootstrap_rounds,
+        seed=options.seed,
+        delta=options.delta,
+        reduction=options.reduction,
     )
     tail = 50 * (1 - options.confidence)
     low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
+    spread = samples.std(axis=0, ddof=1) if len(samples) > 1 else np.zeros(len(PARAM_NAMES))
     return {
-        "intervals": {name: [float(lo), float(hi)] for name, lo, hi in zip(PARAM_NAMES, low, high)},
-        "standard_errors": dict(zip(PARAM_NAMES, map(float, samples.std(axis=0, ddof=1) if len(samples) > 1 else [0.0] * 5))),
+        "intervals": {
+            name: [float(lo), float(hi)] for name, lo, hi in zip(PARAM_NAMES, low, high, strict=True)
+        },
+        "standard_errors": {name: float(x) for name, x in zip(PARAM_NAMES, spread, strict=True)},
         "bootstrap": {
             "rounds": options.bootstrap_rounds,
             "seed": options.seed,
@@ -339,7 +362,9 @@ def _optimal_table(params: ScalingLawParams, C) -> list[dict]:
 # ----------------------------------------------------------------------------- writing
 
 
-def build_report(runs: Sequence[Run], loss_types: Sequence[str], options: FitOptions, inputs: Sequence[str]) -> dict:
+def build_report(
+    runs: Sequence[Run], loss_types: Sequence[str], options: FitOptions, inputs: Sequence[str]
+) -> dict:
     """Analyse each data type and return the fit.json document."""
     architectures = sorted({r.architecture for r in runs if r.architecture})
     if len(architectures) > 1:
@@ -357,7 +382,8 @@ def build_report(runs: Sequence[Run], loss_types: Sequence[str], options: FitOpt
         "law": "L(N, D) = E + A / N^alpha + B / D^beta",
         "conventions": CONVENTIONS,
         "method": {
-            "objective": "sum over runs of Huber_delta(LSE(log_A - alpha log N, log_B - beta log D, log_E) - log L)",
+            "objective": "sum over runs of "
+            "Huber_delta(LSE(log_A - alpha log N, log_B - beta log D, log_E) - log L)",
             "delta": options.delta,
             "reduction": options.reduction,
             "optimizer": "batched L-BFGS from every start, the best continued to convergence, "
@@ -410,7 +436,11 @@ def load_fit(path: str | Path) -> dict:
         report = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: cannot read a fit from it ({error})") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT or not isinstance(report.get("fits"), dict):
+    if (
+        not isinstance(report, dict)
+        or report.get("format") != FORMAT
+        or not isinstance(report.get("fits"), dict)
+    ):
         raise InputError(f"{path}: not a fit.json written by `fusionlab scaling fit`")
     return report
 
@@ -447,19 +477,31 @@ def markdown(report: dict, images: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _table(*headers) -> list[str]:
+    return ["", _row(*headers), _row(*["---"] * len(headers))]
+
+
 def _markdown_fit(loss_type: str, fit: dict) -> list[str]:
     intervals = fit.get("intervals", {})
     confidence = fit.get("bootstrap", {}).get("confidence")
     header = f"{int(round(confidence * 100))} % interval (bootstrap)" if confidence else "interval"
-    lines = [f"## val_loss {loss_type} ({fit['n_runs']} runs)", "", f"| parameter | value | {header} |", "|---|---|---|"]
+    lines = [f"## val_loss {loss_type} ({fit['n_runs']} runs)", *_table("parameter", "value", header)]
     for name in PARAM_NAMES:
-        lines.append(f"| {name} | {_num(fit['params'][name], 5)} | {_interval(intervals.get(name))} |")
-    lines.append(f"| objective | {_num(fit['objective'], 8)} | |")
+        lines.append(_row(name, _num(fit["params"][name], 5), _interval(intervals.get(name))))
+    lines.append(_row("objective", _num(fit["objective"], 8), ""))
 
     exponents = fit["exponents"]
-    lines += ["", "| exponent | value | interval |", "|---|---|---|"]
-    lines.append(f"| a (N* ~ C^a), closed form | {_num(exponents['a'])} | {_interval(exponents.get('a_interval'))} |")
-    lines.append(f"| b (D* ~ C^b), closed form | {_num(exponents['b'])} | {_interval(exponents.get('b_interval'))} |")
+    lines += _table("exponent", "value", "interval")
+    lines.append(
+        _row("a (N* ~ C^a), closed form", _num(exponents["a"]), _interval(exponents.get("a_interval")))
+    )
+    lines.append(
+        _row("b (D* ~ C^b), closed form", _num(exponents["b"]), _interval(exponents.get("b_interval")))
+    )
     for key, label in (
         ("a_regression", "a, regression"),
         ("b_regression", "b, regression"),
@@ -468,31 +510,32 @@ def _markdown_fit(loss_type: str, fit: dict) -> list[str]:
         ("c", "c (L ~ C^c), convex hull"),
     ):
         if key in exponents:
-            lines.append(f"| {label} | {_num(exponents[key])} | |")
+            lines.append(_row(label, _num(exponents[key]), ""))
 
-    quality = fit["fit_quality"]
-    held_in, held_out = quality["held_in"], quality["held_out"]
-    lines += ["", "| check | R^2 | MAE | MAPE % |", "|---|---|---|---|"]
-    lines.append(f"| held-in | {_num(held_in['r2'])} | {_num(held_in['mae'])} | {_num(held_in['mape_percent'], 3)} |")
+    held_in, held_out = fit["fit_quality"]["held_in"], fit["fit_quality"]["held_out"]
+    lines += _table("check", "R^2", "MAE", "MAPE %")
+    lines.append(_row("held-in", _num(held_in["r2"]), _num(held_in["mae"]), _num(held_in["mape_percent"], 3)))
     if "skipped" in held_out:
-        lines.append(f"| held-out | skipped: {held_out['skipped']} | | |")
+        lines.append(_row("held-out", f"skipped: {held_out['skipped']}", "", ""))
     else:
         label = f"held-out N >= {held_out['held_out_N']:.3g} ({held_out['n_test']} runs)"
-        lines.append(f"| {label} | {_num(held_out['r2'])} | {_num(held_out['mae'])} | {_num(held_out['mape_percent'], 3)} |")
+        lines.append(
+            _row(label, _num(held_out["r2"]), _num(held_out["mae"]), _num(held_out["mape_percent"], 3))
+        )
 
     minima_N, minima_D = fit["approach2"]["N"]["minima"], fit["approach2"]["D"]["minima"]
     if minima_N:
-        lines += ["", "| IsoFLOP budget C | runs | N* | D* | loss at minimum |", "|---|---|---|---|---|"]
+        lines += _table("IsoFLOP budget C", "runs", "N*", "D*", "loss at minimum")
         D_by_C = {m["C"]: m["x_opt"] for m in minima_D}
         for m in minima_N:
-            lines.append(f"| {m['C']:.3g} | {m['n_runs']} | {m['x_opt']:.3g} | {_num(D_by_C.get(m['C']), 3)} | {m['L_opt']:.4f} |")
+            D_star = _num(D_by_C.get(m["C"]), 3)
+            lines.append(_row(f"{m['C']:.3g}", m["n_runs"], f"{m['x_opt']:.3g}", D_star, f"{m['L_opt']:.4f}"))
 
     if fit["tokens_per_parameter"]:
-        lines += ["", "| C | N* | D* | D*/N* | loss |", "|---|---|---|---|---|"]
+        lines += _table("C", "N*", "D*", "D*/N*", "loss")
         for row in fit["tokens_per_parameter"]:
-            lines.append(
-                f"| {row['C']:.3g} | {row['N_star']:.3g} | {row['D_star']:.3g} | {row['D_per_N']:.3g} | {row['loss']:.4f} |"
-            )
+            numbers = (f"{row[key]:.3g}" for key in ("C", "N_star", "D_star", "D_per_N"))
+            lines.append(_row(*numbers, f"{row['loss']:.4f}"))
     return lines + [""]
 
 
@@ -505,7 +548,9 @@ def pick_fit(report: dict, loss_type: str | None, source: str = "fit.json") -> t
     if loss_type is None:
         loss_type = DEFAULT_TYPE if DEFAULT_TYPE in fits or len(fits) != 1 else next(iter(fits))
     if loss_type not in fits:
-        raise InputError(f"{source}: no fit for type {loss_type!r}; it holds {sorted(fits)}, so pick one with --type")
+        raise InputError(
+            f"{source}: no fit for type {loss_type!r}; it holds {sorted(fits)}, so pick one with --type"
+        )
     return loss_type, fits[loss_type]
 
 

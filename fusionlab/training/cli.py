@@ -32,7 +32,8 @@ class FusionCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
 
 
-def run_lightning_cli(argv: list[str]) -> FusionCLI:
+def run_lightning_cli(argv: list[str], run: bool = True) -> FusionCLI:
+    """Run LightningCLI on `argv`; with run=False, parse and instantiate without a subcommand."""
     return FusionCLI(
         FusionModule,
         FusionDataModule,
@@ -47,4 +48,5 @@ def run_lightning_cli(argv: list[str]) -> FusionCLI:
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        run=run,
     )
