@@ -8,10 +8,10 @@ are plain argparse commands.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-TOOL_COMMANDS = ("data", "scaling")
 
 OVERVIEW = """usage: fusionlab COMMAND [options]
 
@@ -25,6 +25,9 @@ training (LightningCLI; `fusionlab fit --help` lists every option):
 tools:
   data        write the bundled sample shards (data sample)
   scaling     fit scaling laws and predict compute-optimal sizes (scaling fit, scaling predict)
+  compare     train several recipes and print losses, FLOPs, time and memory side by side:
+              fusionlab compare recipes/tiny_early.yaml recipes/tiny_late.yaml
+  routing     MoE expert routing and specialisation of a checkpoint on shards (PNG + JSON)
 
 `fusionlab COMMAND --help` shows the options of a command.
 """
@@ -40,26 +43,26 @@ def main(argv: list[str] | None = None) -> int:
 
         run_lightning_cli(argv)
         return 0
-    if argv[0] in TOOL_COMMANDS:
+    if argv[0] in TOOL_MODULES:
         return run_tool(argv)
     print(f"fusionlab: unknown command {argv[0]!r}\n\n{OVERVIEW}", file=sys.stderr)
     return 2
 
 
+# Each tool command lives in its own module, which adds its argparse parser and sets `func`.
+TOOL_MODULES = {
+    "data": "fusionlab.data.cli",
+    "scaling": "fusionlab.scaling.cli",
+    "compare": "fusionlab.training.compare",
+    "routing": "fusionlab.training.routing_cli",
+}
+
+
 def run_tool(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fusionlab")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    data = commands.add_parser("data", help="build and inspect shards")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    from fusionlab.data.build import add_sample_parser
-
-    add_sample_parser(data_commands)
-
-    from fusionlab.scaling import cli as scaling_cli
-
-    scaling_cli.add_parser(commands)
-
+    # Only the requested command's module is imported: `fusionlab scaling` never loads torch.
+    importlib.import_module(TOOL_MODULES[argv[0]]).add_parser(commands)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -49,7 +49,7 @@ def test_recipe_parses(recipe, bpe_file, capsys):
     assert "vocab_size:" not in printed and "tokenizer:" in printed
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_early.yaml", "tiny_late.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "tiny_early.yaml", "tiny_late.yaml", "moe_tiny_learned.yaml"])
 def test_linked_values_reach_backbone(name, bpe_file):
     recipe = Path(__file__).parents[1] / "recipes" / name
     cli = run_lightning_cli(["--config", str(recipe), "--data.tokenizer", str(bpe_file)], run=False)

@@ -1,5 +1,5 @@
-"""Mixture-of-experts layer: balance loss (C9), dropless dispatch, grouped_mm against the per-expert
-loop, modality routing, routing counts, dense equivalence, parameter counts and training."""
+"""Mixture-of-experts layer: balance loss without padding, dropless dispatch, grouped_mm against the
+per-expert loop, modality routing, routing counts, dense equivalence, parameter counts, training."""
 
 import dataclasses
 import io
@@ -314,7 +314,8 @@ def test_modality_routing_separates_modalities(n_experts, top_k):
     layer(x, context)
     image_counts = context.stats["routing/layer3/image_tokens"]
     text_counts = context.stats["routing/layer3/text_tokens"]
-    assert image_counts[half:].sum() == 0 and text_counts[:half].sum() == 0
+    assert image_counts[half:].sum() == 0
+    assert text_counts[:half].sum() == 0
     assert image_counts.sum() == top_k * image.sum()
     assert text_counts.sum() == top_k * text.sum()
 
@@ -369,7 +370,8 @@ def test_early_fusion_rejects_unknown_moe_field():
 
 
 def test_moe_backbone_passes_battery():
-    check_backbone(EarlyFusion, d_model=32, n_layers=2, n_heads=2, ffn_multiple_of=32, moe=MoEConfig(n_experts=2))
+    moe = MoEConfig(n_experts=2)
+    check_backbone(EarlyFusion, d_model=32, n_layers=2, n_heads=2, ffn_multiple_of=32, moe=moe)
 
 
 def test_moe_layers_follow_config():
@@ -394,12 +396,16 @@ def test_routing_stats_sum_to_token_counts():
         assert text.sum().item() == 2 * n_text
 
 
-def test_aux_loss_sums_layers():
-    model = tiny_model(MoEConfig(n_experts=4, balance_loss_weight=0.01))
-    out = model(tiny_batch())
-    # each layer adds 0.01 * (a loss that is at least 1, its value under uniform routing)
-    assert out.aux_loss.item() >= 2 * 0.01 - 1e-6
-    assert out.aux_loss.requires_grad
+def test_aux_loss_scales_with_weight():
+    # tiny_model seeds the initialisation, so the three models share their weights
+    batch = tiny_batch()
+    base = tiny_model(MoEConfig(n_experts=4, balance_loss_weight=0.01))(batch).aux_loss
+    doubled = tiny_model(MoEConfig(n_experts=4, balance_loss_weight=0.02))(batch).aux_loss
+    off = tiny_model(MoEConfig(n_experts=4, balance_loss_weight=0.0))(batch).aux_loss
+    assert base.item() > 0
+    assert base.requires_grad
+    torch.testing.assert_close(doubled, 2 * base)
+    assert off.item() == 0
 
 
 def test_activation_checkpointing_keeps_outputs_and_losses():
@@ -428,7 +434,8 @@ def test_moe_backbone_trains():
     losses = []
     for _ in range(8):
         out = model(batch)
-        token_loss = F.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+        logits, targets = out.logits.flatten(0, 1), batch.targets.flatten()
+        token_loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
         loss = token_loss + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
@@ -461,19 +468,22 @@ def dense_layer_parameters(d_model: int, d_ff: int) -> int:
 
 def test_parameter_counts_by_hand():
     vocab, d_model, d_ff, patch_dim = 264, 32, 64, 3 * 4 * 4
-    shared = 2 * vocab * d_model + patch_dim * d_model + d_model + d_model  # embeddings, patch stem, final norm
+    # both embeddings, the patch stem with its bias, the final norm
+    shared = 2 * vocab * d_model + patch_dim * d_model + d_model + d_model
     expert = 3 * d_model * d_ff
 
     dense = tiny_model(d_ff=d_ff).parameter_counts()
     assert dense.total == dense.active == dense.N == shared + 2 * dense_layer_parameters(d_model, d_ff)
 
     learned = tiny_model(MoEConfig(n_experts=4, top_k=2), d_ff=d_ff).parameter_counts()
-    moe_layer = dense_layer_parameters(d_model, d_ff) - expert + 4 * expert + 4 * d_model  # 4 experts + router
+    # the dense SwiGLU replaced by 4 experts and a router
+    moe_layer = dense_layer_parameters(d_model, d_ff) - expert + 4 * expert + 4 * d_model
     assert learned.total == shared + 2 * moe_layer
     assert learned.active == learned.N == learned.total - 2 * (4 - 2) * expert
     assert learned.N_v == 0
 
-    modality = tiny_model(MoEConfig(n_experts=2, routing="modality", layers=[0]), d_ff=d_ff).parameter_counts()
+    modality_moe = MoEConfig(n_experts=2, routing="modality", layers=[0])
+    modality = tiny_model(modality_moe, d_ff=d_ff).parameter_counts()
     assert modality.total == shared + 2 * dense_layer_parameters(d_model, d_ff) + expert  # no router
     assert modality.active == shared + 2 * dense_layer_parameters(d_model, d_ff)
 
@@ -492,7 +502,8 @@ def test_flops_use_active_parameters():
 
 def test_paper_moe_sizes():
     # Every layer an MoE of 8 full-size experts: total = active + 7 * 24 * 3 d h, active = dense
-    # plus one router (d x 8) per layer. 275M dense at width 800 gives about 1.2B total.
+    # plus one router (d x 8) per layer. The dense 275M model at width 800 then has about 1.2B in
+    # total (derived from the dense size, not a published MoE count).
     d_model, vocab = 800, 50432
     with torch.device("meta"):
         dense = EarlyFusion(vocab_size=vocab, image_size=224, patch_size=14, d_model=d_model, n_layers=24,

@@ -100,8 +100,10 @@ def test_heatmap_renders_rgb():
     fig = heatmap_figure([0, 1], torch.tensor([[3, 0], [0, 0]]), torch.tensor([[1, 0], [0, 4]]))
     image = figure_to_array(fig)
     assert image.dtype == np.uint8
-    assert image.ndim == 3 and image.shape[2] == 3
-    assert image.shape[0] > 50 and image.shape[1] > 50
+    assert image.ndim == 3
+    assert image.shape[2] == 3
+    assert image.shape[0] > 50
+    assert image.shape[1] > 50
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def run_validation(tmp_path, model: EarlyFusion, batches: list) -> tuple[Routing
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.validate(FusionModule(model, shuffled_image_eval=False), dataloaders=loader(batches), verbose=False)
+    module = FusionModule(model, shuffled_image_eval=False)
+    trainer.validate(module, dataloaders=loader(batches), verbose=False)
     return callback, trainer
 
 
@@ -199,7 +202,8 @@ def test_callback_counts_match_token_counts(tmp_path):
         accelerator="cpu", devices=1, logger=False, callbacks=[callback],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
     )
-    trainer.validate(FusionModule(model, shuffled_image_eval=False), dataloaders=loader(batches), verbose=False)
+    module = FusionModule(model, shuffled_image_eval=False)
+    trainer.validate(module, dataloaders=loader(batches), verbose=False)
 
     n_image = sum(int((b.image_mask & ~b.padding_mask).sum()) for b in batches)
     n_text = sum(int((~b.image_mask & ~b.padding_mask).sum()) for b in batches)
@@ -371,7 +375,8 @@ def test_routing_report_writes_png_and_json(tmp_path):
         assert layer["specialization"] == pytest.approx(float(scores[i]))
     with Image.open(out_dir / "routing.png") as png:
         assert png.format == "PNG"
-        assert png.size[0] > 50 and png.size[1] > 50
+        assert png.size[0] > 50
+        assert png.size[1] > 50
 
 
 def test_report_rejects_dense_backbone():

@@ -89,140 +89,6 @@ def expand_shards(urls: str) -> list[str]:
     return shards
 
 
-@dataclass
-class _ResolvedSource:
-    urls: str
-    type: str
-    weight: float
-    shards: list[str]
-
-
-@dataclass
-class _Settings:
-    tokenizer: Tokenizer
-    image_size: int
-    tokens_per_image: int
-    context: int
-    max_pixels: int
-    shuffle_buffer: int
-    seed: int
-    strict: bool
-    random_crop: bool
-    hflip: bool
-
-
-def _reader_info() -> tuple[int, int, int, int]:
-    """(rank, world_size, worker, num_workers) from torch.distributed and the DataLoader worker."""
-    return wds.utils.pytorch_worker_info()
-
-
-def _assign(shards: list[str], reader: int, n_readers: int) -> tuple[list[str], bool]:
-    """This reader's shards, and whether it must also keep only every n-th sample of them."""
-    if len(shards) >= n_readers:
-        return shards[reader::n_readers], False
-    return shards, n_readers > 1
-
-
-class RowStream(IterableDataset):
-    """Packed Rows from a list of sources, for one reader (rank x DataLoader worker).
-
-    With `train` the sources are mixed by weight with a seeded RNG and shuffled; with `resample`
-    shards are drawn with replacement forever. Without `train` every sample is read once, in order.
-    """
-
-    def __init__(self, sources: list[_ResolvedSource], settings: _Settings, *, train: bool, resample: bool) -> None:
-        super().__init__()
-        self.sources = sources
-        self.settings = settings
-        self.train = train
-        self.resample = resample and train
-        self._epoch = 0  # counts __iter__ calls; DataLoader workers must be persistent to carry it
-        # TODO(resume): report the position of the batch being trained (per reader: shard draws,
-        # samples consumed, shuffle buffer and RNG states) through state_dict/load_state_dict, so that
-        # a resumed run sees the same samples in the same order; today a resume restarts the stream.
-
-    def __iter__(self) -> Iterator[Row]:
-        rank, world_size, worker, n_workers = _reader_info()
-        reader, n_readers = rank * n_workers + worker, world_size * n_workers
-        s = self.settings
-        epoch = self._epoch
-        self._epoch += 1  # a new shuffle and mixture order for each pass over finite sources
-        counter = SkipCounter(strict=s.strict)
-        streams = [
-            self._documents(i, source, reader, n_readers, counter, epoch) for i, source in enumerate(self.sources)
-        ]
-        if self.train:
-            rng = random.Random(f"mix/{s.seed}/{epoch}/{reader}")
-            documents = _mix(streams, [source.weight for source in self.sources], rng)
-        else:
-            documents = chain.from_iterable(streams)
-
-        packer = Packer(s.context, s.tokens_per_image, s.tokenizer, image_size=s.image_size)
-        for document in documents:
-            packer.add_stats(counter.drain())
-            yield from packer.add(document)
-        if self.resample:
-            raise RuntimeError(
-                f"every training source stopped producing usable samples ({[source.urls for source in self.sources]}); "
-                "see the warnings above for the reasons they were skipped"
-            )
-        packer.add_stats(counter.drain())
-        yield from packer.flush()
-
-    def _documents(
-        self, index: int, source: _ResolvedSource, reader: int, n_readers: int, counter: SkipCounter, epoch: int
-    ) -> Iterator[Document]:
-        s = self.settings
-        rng = random.Random(f"source/{s.seed}/{epoch}/{reader}/{index}")
-        augment = self.train and (s.random_crop or s.hflip)
-        decoder = SampleDecoder(
-            source.type, s.image_size, s.max_pixels,
-            random_crop=augment and s.random_crop, hflip=augment and s.hflip, seed=rng.getrandbits(32),
-        )
-        shards, split_samples = _assign(source.shards, reader, n_readers)
-        if not self.resample:
-            samples = tar_samples(shards, counter.handler)
-            if split_samples:
-                samples = islice(samples, reader, None, n_readers)
-            yield from decode_samples(self._shuffled(samples, rng), decoder, counter)
-            return
-
-        # Resampling: passes of len(shards) draws with replacement. With fewer shards than readers,
-        # every reader draws from all of them, each with its own RNG.
-        while True:
-            draws = [rng.choice(shards) for _ in shards]
-            produced = 0
-            for document in decode_samples(self._shuffled(tar_samples(draws, counter.handler), rng), decoder, counter):
-                produced += 1
-                yield document
-            if produced == 0:
-                log.warning(
-                    "source %r (%s) produced no usable sample in %d shard draws: it is left out of the "
-                    "mixture from now on and the weights of the other sources are renormalised",
-                    source.urls, source.type, len(draws),
-                )
-                return
-
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        size = self.settings.shuffle_buffer
-        if not self.train or size <= 1:
-            return samples
-        return wds.filters.shuffle(bufsize=size, initial=size, rng=rng)(samples)
-
-
-def _mix(streams: list[Iterator[Document]], weights: list[float], rng: random.Random) -> Iterator[Document]:
-    """Draw each document from stream i with probability weights[i] / sum of the live streams' weights."""
-    live = list(range(len(streams)))
-    while live:
-        (index,) = rng.choices(live, weights=[weights[i] for i in live])
-        try:
-            document = next(streams[index])
-        except StopIteration:
-            live.remove(index)
-            continue
-        yield document
-
-
 class FusionDataModule(L.LightningDataModule):
     """Caption, interleaved and text shards as packed Batches (see fusionlab.batch).
 
@@ -235,15 +101,23 @@ class FusionDataModule(L.LightningDataModule):
         context: positions per packed row (the sequence length T).
         batch_size: rows per batch (B).
         num_workers: DataLoader worker processes per rank.
-        seed: seed of the shard draws, shuffle buffers and the mixture.
+        seed: seed of the shard order and draws, shuffle buffers and the mixture.
         shuffle_buffer: raw samples held per source for shuffling in training; 0 or 1 turns it off.
         resample: draw training shards with replacement, forever (the epoch length then comes from
-            the trainer, for example limit_train_batches); False reads each training sample once per epoch.
+            batches_per_epoch, or the run is one endless epoch bounded by max_steps); False reads
+            each training sample exactly once per epoch, over all ranks and workers together.
+        batches_per_epoch: with resample, end each training epoch after this many batches; every
+            epoch then draws a new stream, and resuming replays at most one epoch of data loading.
+        drop_last: drop the last, partial batch of each worker's stream in training.
         max_image_pixels: largest width * height accepted, checked in the image header before decoding.
         strict: raise on the first bad sample or damaged shard instead of skipping and counting it.
         random_crop: random resized crop (40-100 % of the area) of training images; off by default.
         hflip: horizontal flip of half the training images; off by default because a flip
             falsifies captions that name left and right.
+
+    Checkpoints store where each rank's training stream stands after the last trained batch, and
+    a run resumed from one continues with exactly the batches an uninterrupted run would train,
+    provided the sources, seed, batch geometry, rank count and worker count are unchanged.
     """
 
     def __init__(
@@ -260,6 +134,8 @@ class FusionDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         resample: bool = True,
+        batches_per_epoch: int | None = None,
+        drop_last: bool = False,
         max_image_pixels: int = 64 * 2**20,
         strict: bool = False,
         random_crop: bool = False,
@@ -276,6 +152,11 @@ class FusionDataModule(L.LightningDataModule):
             raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if batches_per_epoch is not None and (batches_per_epoch < 1 or not resample):
+            raise ValueError(
+                f"batches_per_epoch={batches_per_epoch} needs resample=True and a value of at least 1: "
+                "without resampling an epoch is one pass over the training samples"
+            )
         self._tokenizer = load_tokenizer(tokenizer)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -285,11 +166,15 @@ class FusionDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.resample = resample
+        self.batches_per_epoch = batches_per_epoch
+        self.drop_last = drop_last
         self.max_image_pixels = max_image_pixels
         self.strict = strict
         self.random_crop = random_crop
         self.hflip = hflip
-        self._resolved: dict[str, list[_ResolvedSource]] = {}
+        self._resolved: dict[str, list[ResolvedSource]] = {}
+        self._trained_position: StreamPosition | None = None
+        self._resume_position: StreamPosition | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -303,6 +188,11 @@ class FusionDataModule(L.LightningDataModule):
     def tokens_per_image(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def n_streams(self) -> int:
+        """Worker streams per rank: 0 and 1 workers both read one stream, the same one."""
+        return max(1, self.num_workers)
+
     def setup(self, stage: str | None = None) -> None:
         """Expand and check the shard lists of the sources that `stage` needs."""
         if stage in (None, "fit"):
@@ -310,59 +200,132 @@ class FusionDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_sources:
             self._resolve("val")
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TrainLoader:
         sources = self._resolve("train")
-        world_size = self.trainer.world_size if self.trainer is not None else _reader_info()[1]
-        if not self.resample and world_size > 1:
+        rank, world_size = self._rank_and_world_size()
+        sync_ranks = not self.resample and world_size > 1
+        if sync_ranks and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
-                f"resample=False with {world_size} ranks: ranks would read different numbers of rows and "
-                "the run would hang at the end of an epoch; set resample=True and bound the epoch with "
-                "limit_train_batches or max_steps"
+                f"resample=False on {world_size} ranks needs torch.distributed to be initialised, because the "
+                "ranks agree at every step on whether any of them still has data; run under a Lightning "
+                "strategy such as ddp, or set resample=True"
             )
-        return self._loader(RowStream(sources, self._settings(), train=True, resample=self.resample))
+        return TrainLoader(
+            RowStream(sources, self._settings(), train=True, resample=self.resample),
+            num_workers=self.num_workers,
+            rank=rank,
+            world_size=world_size,
+            batches_per_epoch=self.batches_per_epoch,
+            sync_ranks=sync_ranks,
+            padding_batch=functools.partial(
+                padding_batch, self.batch_size, self.context, self._tokenizer, self.image_size
+            ),
+            current_epoch=self._current_epoch,
+            resume_position=self._resume_position_for,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
         # NOTE: ranks may get different numbers of validation batches (each sample is read once), so
         # metrics must be reduced once per epoch and every rank must log the same metric names.
-        return self._loader(RowStream(self._resolve("val"), self._settings(), train=False, resample=False))
-
-    def _loader(self, dataset: RowStream) -> DataLoader:
+        rank, world_size = self._rank_and_world_size()
+        rows = RowStream(self._resolve("val"), self._settings(), train=False, resample=False)
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            collate_fn=collate_rows,
+            BatchStream(rows, rank=rank, world_size=world_size, epoch=0),
+            batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def _settings(self) -> _Settings:
-        return _Settings(
+    # ----------------------------------------------------------------------------------------
+    # resume: the position of the batch being trained, gathered from every rank into checkpoints
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for the batch that goes to the training step next, after its
+        # fetcher has already pulled the following batch: the right moment to note the position.
+        if isinstance(batch, Batch):
+            position = StreamPosition.pop_from(batch.stats)
+            if position is not None:
+                self._trained_position = position
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning calls this on every rank while it builds a checkpoint, then writes only rank
+        # 0's checkpoint: the positions of all ranks are gathered into it here.
+        position = self._trained_position.as_dict() if self._trained_position is not None else None
+        _, world_size = self._rank_and_world_size()
+        return {
+            "seed": self.seed,
+            "world_size": world_size,
+            "n_streams": self.n_streams,
+            "positions": _gather_objects(position),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world_size = self._rank_and_world_size()
+        saved = (state.get("world_size"), state.get("n_streams"), state.get("seed"))
+        if saved != (world_size, self.n_streams, self.seed):
+            log.warning(
+                "the checkpoint's data position was saved with %s ranks, %s worker streams per rank and seed %s, "
+                "but this run has %d ranks, %d worker streams and seed %d: the training stream restarts at "
+                "the beginning of the current epoch instead of where the checkpoint stopped",
+                *saved, world_size, self.n_streams, self.seed,
+            )
+            return
+        position = state["positions"][rank]
+        self._resume_position = StreamPosition.from_dict(position) if position is not None else None
+        self._trained_position = self._resume_position
+
+    def _resume_position_for(self, epoch: int) -> StreamPosition | None:
+        position = self._resume_position
+        return position if position is not None and position.epoch == epoch else None
+
+    def _current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return rank_info()
+
+    def _settings(self) -> StreamSettings:
+        return StreamSettings(
             tokenizer=self._tokenizer,
             image_size=self.image_size,
             tokens_per_image=self.tokens_per_image,
             context=self.context,
+            batch_size=self.batch_size,
             max_pixels=self.max_image_pixels,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             strict=self.strict,
             random_crop=self.random_crop,
             hflip=self.hflip,
+            drop_last=self.drop_last,
         )
 
-    def _resolve(self, role: str) -> list[_ResolvedSource]:
+    def _resolve(self, role: str) -> list[ResolvedSource]:
         if role not in self._resolved:
             sources = self.train_sources if role == "train" else self.val_sources
             self._resolved[role] = _resolve_sources(sources, role)
         return self._resolved[role]
 
 
+def _gather_objects(value: Any) -> list[Any]:
+    """Return [value of rank 0, value of rank 1, ...]; a collective when several ranks run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _as_source(source: Source | dict) -> Source:
     return source if isinstance(source, Source) else Source(**source)
 
 
-def _resolve_sources(sources: list[Source], role: str) -> list[_ResolvedSource]:
+def _resolve_sources(sources: list[Source], role: str) -> list[ResolvedSource]:
     """Expand each source's shards, leaving out (with one warning each) sources that contain no sample."""
     resolved = []
     for source in sources:
@@ -374,7 +337,7 @@ def _resolve_sources(sources: list[Source], role: str) -> list[_ResolvedSource]:
                 role, source.urls, source.type, len(shards),
             )
             continue
-        resolved.append(_ResolvedSource(source.urls, source.type, source.weight, shards))
+        resolved.append(ResolvedSource(source.urls, source.type, source.weight, shards))
     if not resolved:
         raise ValueError(f"every {role} source is empty: {[source.urls for source in sources]}; check the shards")
     total = sum(source.weight for source in resolved)

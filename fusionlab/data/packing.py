@@ -90,8 +90,10 @@ class Packer:
     Placement is greedy first-fit over `open_rows` open rows, in document order: a piece goes into
     the first open row with room for it, otherwise into a new row. When all open rows are taken, the
     fullest is emitted first. Rows are emitted as soon as they are full, and `flush` emits the rest.
-    Every emitted row carries stats: "positions", "padding", "documents", "images", plus
-    "images_dropped" and any counts given to `add_stats` since the previous row.
+    Every emitted row carries stats: "positions", "padding", "documents", "images", the
+    non-padding positions per data type ("tokens/caption", "tokens/interleaved", "tokens/text") and
+    the image positions ("tokens/image") where non-zero, plus "images_dropped" and any counts given
+    to `add_stats` since the previous row.
     """
 
     def __init__(
@@ -220,9 +222,33 @@ class Packer:
             size = self.image_size or 0
             images = torch.zeros(0, 3, size, size, dtype=torch.uint8)
         stats = Counter(positions=self.context, padding=padding, documents=row.n_documents, images=len(row.images))
+        stats.update(_token_counts(tensors["source"], tensors["image_index"]))
         stats.update(self._pending)
         self._pending.clear()
         return Row(**tensors, images=images, stats=dict(stats))
+
+
+def _token_counts(source: Tensor, image_index: Tensor) -> dict[str, int]:
+    """Non-padding positions per data type ("tokens/caption", ...) and image positions ("tokens/image")."""
+    counts = {f"tokens/{name}": int((source == i).sum()) for i, name in enumerate(DATA_TYPES)}
+    counts["tokens/image"] = int((image_index >= 0).sum())
+    return {key: n for key, n in counts.items() if n}
+
+
+def padding_batch(batch_size: int, context: int, tokenizer: Tokenizer, image_size: int) -> Batch:
+    """A batch of `batch_size` padding rows: no document, no image, no target, so no loss."""
+    shape = (batch_size, context)
+    return Batch(
+        tokens=torch.full(shape, tokenizer.pad_id, dtype=torch.long),
+        images=torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8),
+        image_index=torch.full(shape, -1, dtype=torch.long),
+        patch_index=torch.full(shape, -1, dtype=torch.long),
+        document=torch.full(shape, -1, dtype=torch.long),
+        positions=torch.zeros(shape, dtype=torch.long),
+        targets=torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+        source=torch.full(shape, -1, dtype=torch.long),
+        stats={"positions": batch_size * context, "padding": batch_size * context, "padding_batches": 1},
+    )
 
 
 def _slice(piece: _Piece, start: int, end: int) -> _Piece:

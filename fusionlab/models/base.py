@@ -7,8 +7,8 @@ parameter counts that compute accounting needs (C = 6 (N D + N_v D_v)).
 from __future__ import annotations
 
 import inspect
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from abc import ABCMeta, abstractmethod
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +43,31 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class Backbone(nn.Module, ABC):
+class _RecordArguments(ABCMeta):
+    """Metaclass that stores each backbone's bound constructor arguments after construction.
+
+    Recording happens around the constructor call, not by wrapping `__init__`, so the signature
+    that jsonargparse reads to type-check recipes stays the subclass's own.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        instance = super().__call__(*args, **kwargs)
+        bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(arguments)))  # self
+        instance._init_arguments = {name: _plain(value) for name, value in arguments.items()}
+        return instance
+
+
+def _plain(value: Any) -> Any:
+    """Turn dataclass arguments (such as an MoE config) into dicts, so checkpoints hold plain values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
+
+
+class Backbone(nn.Module, metaclass=_RecordArguments):
     """Base class of every architecture.
 
     Subclasses take plain, YAML-serialisable constructor arguments and set `vocab_size` and
@@ -67,26 +91,6 @@ class Backbone(nn.Module, ABC):
     def init_arguments(self) -> dict[str, Any]:
         """Return the constructor arguments, so the backbone can be rebuilt from a checkpoint."""
         return dict(self._init_arguments)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Record each concrete subclass's constructor arguments (bound and defaulted) without
-        # asking every architecture to do it by hand.
-        super().__init_subclass__(**kwargs)
-        original_init = cls.__init__
-
-        def recording_init(self: Backbone, *args: Any, **init_kwargs: Any) -> None:
-            if not hasattr(self, "_init_arguments"):
-                bound = inspect.signature(original_init).bind(self, *args, **init_kwargs)
-                bound.apply_defaults()
-                arguments = dict(bound.arguments)
-                arguments.pop("self")
-                object.__setattr__(self, "_init_arguments", arguments)
-            original_init(self, *args, **init_kwargs)
-
-        recording_init.__signature__ = inspect.signature(original_init)  # type: ignore[attr-defined]
-        recording_init.__doc__ = original_init.__doc__
-        recording_init.__wrapped__ = original_init  # type: ignore[attr-defined]
-        cls.__init__ = recording_init  # type: ignore[method-assign]
 
 
 def layer_context(batch: Batch) -> LayerContext:

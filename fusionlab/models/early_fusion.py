@@ -8,7 +8,6 @@ feed-forward layers of the chosen decoder layers are sparse mixtures of experts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from torch import nn
 
@@ -25,7 +24,7 @@ from fusionlab.models.base import (
     place_image_features,
 )
 from fusionlab.models.decoder import Decoder
-from fusionlab.models.layers import SwiGLU, ffn_hidden_size
+from fusionlab.models.layers import SwiGLU, ffn_hidden_size, resolve_head_dim
 from fusionlab.models.moe import MoE, MoEConfig, inactive_parameters
 
 
@@ -67,7 +66,7 @@ class EarlyFusion(Backbone):
         moe = _as_moe_config(moe)
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-        head_dim = head_dim or _default_head_dim(d_model, n_heads)
+        head_dim = head_dim or resolve_head_dim(d_model, n_heads)
         self.vocab_size = vocab_size
         self.patch_size = patch_size
         self.tokens_per_image = (image_size // patch_size) ** 2
@@ -102,14 +101,6 @@ class EarlyFusion(Backbone):
         active = total - inactive_parameters(self)
         return ParameterCounts(N=active, N_v=0, active=active, total=total)
 
-    def init_arguments(self) -> dict[str, Any]:
-        # Checkpoints hold plain values only (they load with weights_only=True): MoEConfig as a dict.
-        arguments = super().init_arguments()
-        if isinstance(arguments.get("moe"), MoEConfig):
-            arguments["moe"] = dataclasses.asdict(arguments["moe"])
-        return arguments
-
-
 def _as_moe_config(moe: MoEConfig | dict | None) -> MoEConfig | None:
     if not isinstance(moe, dict):
         return moe
@@ -134,11 +125,3 @@ def _ffn_factory(d_model: int, d_ff: int, n_layers: int, moe: MoEConfig | None):
         return SwiGLU(d_model, d_ff)
 
     return make_ffn
-
-
-def _default_head_dim(d_model: int, n_heads: int) -> int:
-    if d_model % n_heads:
-        raise ValueError(
-            f"d_model {d_model} is not divisible by n_heads {n_heads}: set head_dim explicitly"
-        )
-    return d_model // n_heads

@@ -25,7 +25,7 @@ from fusionlab.models.base import (
     place_image_features,
 )
 from fusionlab.models.decoder import Decoder
-from fusionlab.models.layers import ffn_hidden_size
+from fusionlab.models.layers import ffn_hidden_size, resolve_head_dim
 
 
 class LateFusion(Backbone):
@@ -168,9 +168,3 @@ def build_connector(kind: str, encoder_width: int, d_model: int) -> nn.Module:
     if kind == "mlp":
         return nn.Sequential(nn.Linear(encoder_width, d_model), nn.GELU(), nn.Linear(d_model, d_model))
     raise ValueError(f"unknown connector {kind!r}: use 'linear' or 'mlp'")
-
-
-def resolve_head_dim(d_model: int, n_heads: int) -> int:
-    if d_model % n_heads:
-        raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}: set head_dim explicitly")
-    return d_model // n_heads

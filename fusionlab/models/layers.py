@@ -20,6 +20,13 @@ def ffn_hidden_size(d_model: int, multiple_of: int = 256) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def resolve_head_dim(d_model: int, n_heads: int) -> int:
+    """Return d_model / n_heads, or raise asking for an explicit head_dim."""
+    if d_model % n_heads:
+        raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}: set head_dim explicitly")
+    return d_model // n_heads
+
+
 class RMSNorm(nn.Module):
     """Gain-only RMS normalisation (no bias, no mean subtraction)."""
 

@@ -36,14 +36,14 @@ class MoEConfig:
     """Experts per MoE layer. With routing "modality" the first half serves image tokens and the
     second half text tokens, so n_experts must be even (2 gives one FFN per modality)."""
     top_k: int = 1
-    """Experts each token is sent to (token-choice routing); at most the experts of one group."""
+    """Experts each token is sent to (token-choice routing), at most the experts of one group."""
     routing: Routing = "learned"
     """"learned": a float32 linear router over all experts. "modality": image and text tokens go to
-    separate expert groups; a learned router chooses inside a group when it has several experts."""
+    separate expert groups, and a learned router chooses inside a group when it has several experts."""
     layers: list[int] | None = None
-    """Decoder layers (0-based) whose feed-forward is an MoE; every layer when None."""
+    """Decoder layers (0-based) whose feed-forward is an MoE, or every layer when None."""
     d_ff: int | None = None
-    """SwiGLU hidden size of one expert; the dense model's d_ff when None (full-size experts)."""
+    """SwiGLU hidden size of one expert, or the dense model's d_ff when None (full-size experts)."""
     balance_loss_weight: float = 0.01
     """Weight of the Switch load-balancing loss, added once per MoE layer (0 disables it)."""
     z_loss_weight: float = 0.0
@@ -74,7 +74,8 @@ class MoEConfig:
                 f"moe loss weights must be non-negative, got balance_loss_weight {self.balance_loss_weight} "
                 f"and z_loss_weight {self.z_loss_weight}"
             )
-        if self.layers is not None and (len(set(self.layers)) != len(self.layers) or min(self.layers, default=0) < 0):
+        layers = self.layers or []
+        if len(set(layers)) != len(layers) or min(layers, default=0) < 0:
             raise ValueError(f"moe.layers {self.layers} must be distinct 0-based layer indices")
 
     @property
@@ -92,16 +93,19 @@ class MoEConfig:
             return list(range(n_layers))
         out_of_range = [i for i in self.layers if i >= n_layers]
         if out_of_range:
-            raise ValueError(f"moe.layers {out_of_range} are out of range for a decoder of n_layers {n_layers}")
+            raise ValueError(
+                f"moe.layers {out_of_range} are out of range for a decoder of n_layers {n_layers}: "
+                "use indices from 0 to n_layers - 1"
+            )
         return sorted(self.layers)
 
 
 class RouterOutput(NamedTuple):
     experts_NK: Tensor  # chosen expert ids, long
     gates_NK: Tensor  # weights of the chosen experts' outputs, float32
-    probs_NE: Tensor | None  # router probabilities, float32; None without a learned router
+    probs_NE: Tensor | None  # router probabilities in float32, None without a learned router
     logits_NE: Tensor | None  # router logits (-inf outside a token's group), float32
-    token_group_N: Tensor | None  # 0 image, 1 text; None for learned routing
+    token_group_N: Tensor | None  # 0 image, 1 text, or None for learned routing
 
 
 def load_balance_loss(
@@ -114,13 +118,13 @@ def load_balance_loss(
     """Compute the Switch Transformer load-balancing loss E * sum_e f_e P_e over non-padding tokens.
 
     f_e is the fraction of routed slots that go to expert e (slots = tokens * top_k, so the f_e
-    sum to 1) and P_e the mean router probability of e; the loss is 1.0 when routing is uniform.
+    sum to 1) and P_e the mean router probability of e. The loss is 1.0 when routing is uniform.
     Padding positions (valid_N false) count in neither, while image positions count like text.
     With n_groups > 1 the experts form n_groups contiguous blocks of equal size, each serving the
-    tokens of one group (token_group_N); the loss is then the token-weighted mean of each group's
+    tokens of one group (token_group_N). The loss is then the token-weighted mean of each group's
     loss with E replaced by the group size.
     """
-    N, E = probs_NE.shape
+    E = probs_NE.shape[1]
     K = experts_NK.shape[1]
     group_size = E // n_groups
     valid = valid_N.float()
@@ -146,8 +150,8 @@ def load_balance_loss(
 def bin_counts(index: Tensor, n_bins: int) -> Tensor:
     """Count each value 0 .. n_bins - 1 in a 1-D long tensor.
 
-    Unlike torch.bincount, which reads the maximum value back to the host to size its output on
-    GPU, this never waits for the device, so routing adds no host synchronisation.
+    torch.bincount on CUDA copies values of its input to the host to check them and size its
+    output, which stalls the GPU. This scatter_add_ never reads values back.
     """
     counts = torch.zeros(n_bins, dtype=torch.long, device=index.device)
     return counts.scatter_add_(0, index, torch.ones_like(index))
@@ -176,7 +180,7 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # (E, F, D)
         self.w_up = nn.Parameter(torch.empty(n_experts, d_ff, d_model))  # (E, F, D)
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model, d_ff))  # (E, D, F)
-        # Decoder.reset_parameters initialises these; this keeps a standalone layer usable.
+        # Decoder.reset_parameters initialises these again. This init keeps a standalone layer usable.
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=0.02)
 
@@ -189,7 +193,7 @@ class Experts(nn.Module):
         return F.linear(hidden, self.w_down[expert])
 
     def forward_grouped(self, x_SD: Tensor, offsets_E: Tensor) -> Tensor:
-        """Run every expert on its contiguous block of x_SD; block e ends at row offsets_E[e].
+        """Run every expert on its contiguous block of x_SD, block e ending at row offsets_E[e].
 
         Rows past offsets_E[-1] are left uninitialised by grouped_mm, in the output and in the
         input's gradient: the caller must mask them.
@@ -243,7 +247,10 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, context: LayerContext) -> Tensor:
         if context is None:
-            raise ValueError("MoE needs the LayerContext of the batch (padding and image masks) to route tokens")
+            raise ValueError(
+                "MoE needs the LayerContext of the batch (padding and image masks) to route tokens: "
+                "pass the context that the decoder builds"
+            )
         B, T, D = x.shape
         x_ND = x.reshape(B * T, D)
         routing = self.route(x_ND, context)
@@ -270,7 +277,8 @@ class MoE(nn.Module):
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             logits_NE = F.linear(x_ND.float(), self.router.weight.float())
         if token_group_N is not None:
-            group_of_expert_E = torch.arange(self.n_experts, device=x_ND.device) // self.config.experts_per_group
+            expert_ids = torch.arange(self.n_experts, device=x_ND.device)
+            group_of_expert_E = expert_ids // self.config.experts_per_group
             outside_group_NE = group_of_expert_E[None, :] != token_group_N[:, None]
             logits_NE = logits_NE.masked_fill(outside_group_NE, float("-inf"))
         probs_NE = logits_NE.softmax(dim=-1)
@@ -290,7 +298,11 @@ class MoE(nn.Module):
         prefix = f"moe/layer{self.layer_idx}"
         if self.config.balance_loss_weight > 0:
             loss = load_balance_loss(
-                routing.probs_NE, routing.experts_NK, context.valid_mask, routing.token_group_N, self.config.n_groups
+                routing.probs_NE,
+                routing.experts_NK,
+                context.valid_mask,
+                routing.token_group_N,
+                self.config.n_groups,
             )
             context.aux_losses[f"{prefix}/load_balance"] = self.config.balance_loss_weight * loss
         if self.config.z_loss_weight > 0:
@@ -314,7 +326,7 @@ class MoE(nn.Module):
         N, D = x_ND.shape
         K, E = self.top_k, self.n_experts
 
-        # sort slots by expert; padding slots get the key E so they sort last, past every group
+        # sort slots by expert, giving padding slots the key E so that they sort last, past every group
         expert_S = torch.where(valid_N[:, None], routing.experts_NK, E).flatten()
         order_S = torch.argsort(expert_S, stable=True)
         offsets_E = bin_counts(expert_S, E + 1)[:E].cumsum(0).to(torch.int32)

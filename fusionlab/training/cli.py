@@ -8,6 +8,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from fusionlab.data.datamodule import FusionDataModule
 from fusionlab.data.tokenizer import load_tokenizer
 from fusionlab.training.module import FusionModule
+from fusionlab.training.routing import RoutingStatistics
 from fusionlab.training.summary import RunSummary
 from fusionlab.training.throughput import ThroughputMonitor
 
@@ -30,6 +31,7 @@ class FusionCLI(LightningCLI):
         })
         parser.add_lightning_class_args(RunSummary, "run_summary")
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(RoutingStatistics, "routing")
 
 
 def run_lightning_cli(argv: list[str], run: bool = True) -> FusionCLI:

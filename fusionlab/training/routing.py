@@ -6,7 +6,7 @@ padding excluded, so together they sum to top_k * non-padding tokens. From these
 
 - the image share of expert e is p_e = image / (image + text);
 - the specialisation score of a layer is the mean over experts of 1 - H(p_e), with H the binary
-  entropy in bits, so an expert that sees one modality scores 1 and a half-and-half expert 0.
+  entropy in bits, so an expert that receives one modality scores 1 and a half-and-half expert 0.
   Experts that received no token have no p_e: they are left out of the mean and counted.
 
 `RoutingStatistics` logs these over each validation epoch. `routing_report` computes them for a
@@ -48,14 +48,14 @@ class RoutingCounts:
     """Image and text tokens routed to each expert of each MoE layer, summed over batches."""
 
     def __init__(self, layers: Mapping[int, int] | None = None, device: torch.device | str = "cpu"):
-        # layer index -> (2, n_experts) int64 counts; row 0 image tokens, row 1 text tokens
+        # layer index -> (2, n_experts) int64 counts, row 0 image tokens and row 1 text tokens
         self.counts: dict[int, Tensor] = {
             layer: torch.zeros(2, n_experts, dtype=torch.long, device=device)
             for layer, n_experts in (layers or {}).items()
         }
 
     def add(self, stats: Mapping[str, Tensor]) -> None:
-        """Add the routing entries of one forward's stats; other keys are ignored."""
+        """Add the routing entries of one forward pass's stats, ignoring other keys."""
         for key, value in stats.items():
             match = ROUTING_KEY.match(key)
             if match is None:
@@ -63,6 +63,8 @@ class RoutingCounts:
             layer, row = int(match.group(1)), 0 if match.group(2) == "image" else 1
             value = value.detach().long()
             if layer not in self.counts:
+                # NOTE: a layer first seen here, not allocated up front from the model's MoE modules,
+                # must reach every rank, or the reduction across ranks gets tensors of other shapes.
                 self.counts[layer] = torch.zeros(2, value.numel(), dtype=torch.long, device=value.device)
             target = self.counts[layer]
             if target.shape[1] != value.numel():
@@ -109,8 +111,8 @@ def specialization_scores(image_tokens: Tensor, text_tokens: Tensor) -> tuple[Te
     """Compute each layer's specialisation score and number of empty experts.
 
     Takes (n_layers, n_experts) counts. The score is the mean over non-empty experts of 1 - H(p),
-    H the binary entropy in bits of the expert's image share p: 1 when every expert sees one
-    modality, 0 when every expert sees both equally. A layer whose experts are all empty scores NaN.
+    H the binary entropy in bits of the expert's image share p: 1 when every expert receives one
+    modality, 0 when every expert receives both equally. A layer whose experts are all empty scores NaN.
     """
     p = image_share(image_tokens, text_tokens)
     empty = p.isnan()
@@ -128,7 +130,7 @@ def specialization_scores(image_tokens: Tensor, text_tokens: Tensor) -> tuple[Te
 
 
 def heatmap_figure(layers: Sequence[int], image_tokens: Tensor, text_tokens: Tensor):
-    """Draw the image share of every (layer, expert) as a matplotlib Figure; empty experts grey.
+    """Draw the image share of every (layer, expert) as a matplotlib Figure, empty experts in grey.
 
     Uses the Agg canvas directly, without pyplot, so no global backend is changed.
     """
@@ -204,7 +206,8 @@ class RoutingStatistics(L.Callback):
         counts, self.counts = self.counts, None
         if counts is None or not counts.layers or trainer.sanity_checking:
             return
-        counts = RoutingCounts.from_stacked(counts.layers, trainer.strategy.reduce(counts.stacked(), reduce_op="sum"))
+        summed = trainer.strategy.reduce(counts.stacked(), reduce_op="sum")
+        counts = RoutingCounts.from_stacked(counts.layers, summed)
         scores, empty = specialization_scores(counts.image_tokens, counts.text_tokens)
         self.last_scores = {layer: float(score) for layer, score in zip(counts.layers, scores)}
 
@@ -224,6 +227,13 @@ class RoutingStatistics(L.Callback):
         image = figure_to_array(fig)
         for logger in loggers:
             logger.experiment.add_image(HEATMAP_TAG, image, trainer.global_step, dataformats="HWC")
+
+    def summary_section(self) -> dict[str, Any]:
+        """Return the routing part of the run summary: the last validation's scores per layer."""
+        if not self.last_scores:
+            return {}
+        scores = {f"layer{layer}": _finite_or_none(score) for layer, score in self.last_scores.items()}
+        return {"routing": {"specialization": scores}}
 
     on_test_epoch_start = on_validation_epoch_start
     on_test_batch_end = on_validation_batch_end
@@ -253,7 +263,8 @@ def load_backbone(checkpoint_path: str | Path, map_location: str | torch.device 
         raise TypeError(f"checkpoint class_path {spec['class_path']!r} is not a fusionlab Backbone subclass")
     backbone = cls(**spec.get("init_args", {}))
     prefix = "backbone."
-    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    state = {key.removeprefix(prefix): value for key, value in checkpoint["state_dict"].items()
+             if key.startswith(prefix)}
     backbone.load_state_dict(state)
     return backbone.eval()
 
@@ -262,7 +273,7 @@ def load_backbone(checkpoint_path: str | Path, map_location: str | torch.device 
 def collect_routing_counts(
     backbone: Backbone, batches: Iterable[Batch], max_batches: int | None = None
 ) -> tuple[RoutingCounts, int]:
-    """Run the backbone on batches and sum their routing counts; return them and the batch count."""
+    """Run the backbone on batches and sum their routing counts. Return the counts and the batch count."""
     layers = moe_layers(backbone)
     if not layers:
         raise ValueError(f"{type(backbone).__name__} has no MoE layer, so there is no routing to report")
@@ -277,8 +288,10 @@ def collect_routing_counts(
     return counts, n_batches
 
 
-def write_routing_report(counts: RoutingCounts, out_dir: str | Path, metadata: Mapping[str, Any] | None = None) -> dict:
-    """Write routing.png (heatmap) and routing.json (counts and scores) to out_dir; return the JSON data."""
+def write_routing_report(
+    counts: RoutingCounts, out_dir: str | Path, metadata: Mapping[str, Any] | None = None
+) -> dict:
+    """Write routing.png (heatmap) and routing.json (counts, scores) to out_dir and return the JSON data."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_tokens, text_tokens = counts.image_tokens.cpu(), counts.text_tokens.cpu()
@@ -312,24 +325,30 @@ def routing_report(
     max_batches: int | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Compute the routing statistics of a checkpoint on shards; write routing.png and routing.json.
+    """Compute the routing statistics of a checkpoint on shards and write routing.png and routing.json.
 
     Args:
         checkpoint_path: a FusionModule checkpoint of an MoE backbone.
         sources: fusionlab.data Source objects, or dicts with their fields ({"urls", "type"}).
         out_dir: folder for routing.png and routing.json (created when missing).
-        context: positions per packed row; the training recipe's data.context.
+        context: positions per packed row, as in the training recipe's data.context.
         batch_size: rows per forward pass.
         tokenizer: the tokenizer spec the model was trained with ("byte" or a tokenizers .json path).
-        max_batches: stop after this many batches; every sample of the shards when None.
+        max_batches: stop after this many batches, or read every sample of the shards when None.
         device: where to run the backbone.
     Returns:
         The data written to routing.json.
     """
     backbone = load_backbone(checkpoint_path).to(device)
-    batches = read_shard_batches(backbone, sources, context=context, batch_size=batch_size, tokenizer=tokenizer)
+    batches = read_shard_batches(
+        backbone, sources, context=context, batch_size=batch_size, tokenizer=tokenizer
+    )
     counts, n_batches = collect_routing_counts(backbone, batches, max_batches)
-    metadata = {"checkpoint": str(checkpoint_path), "batches": n_batches, "sources": [_describe(s) for s in sources]}
+    metadata = {
+        "checkpoint": str(checkpoint_path),
+        "batches": n_batches,
+        "sources": [_describe(source) for source in sources],
+    }
     report = write_routing_report(counts, out_dir, metadata)
     log.info("routing report of %s over %d batches written to %s", checkpoint_path, n_batches, out_dir)
     return report

@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import platform
+import resource
 import subprocess
+import time
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,11 +26,26 @@ _VERSIONED_PACKAGES = ("fusionlab", "torch", "lightning", "torchmetrics", "timm"
 class RunSummary(L.Callback):
     """Write `summary.json` into the run folder when fit ends, and report where things are."""
 
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         summary = build_summary(trainer, pl_module)
+        summary["wall_clock_seconds"] = time.perf_counter() - self._start if self._start else None
+        summary["peak_memory_bytes"] = peak_memory_bytes(pl_module.device)
+        # Callbacks with a `summary_section()` add their part (MoE routing, for example).
+        for callback in trainer.callbacks:
+            section = getattr(callback, "summary_section", None)
+            if callable(section):
+                summary.update(section())
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         print(format_report(summary, run_dir, trainer), flush=True)
@@ -51,6 +68,14 @@ def build_summary(trainer: L.Trainer, module: Any) -> dict[str, Any]:
         "nonfinite_steps": module.nonfinite_steps,
         "provenance": provenance(trainer),
     }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in kilobytes on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def provenance(trainer: L.Trainer) -> dict[str, Any]:
