@@ -62,7 +62,8 @@ def test_layout_and_targets():
     assert row.positions[:8].tolist() == list(range(8))
     assert row.document.tolist() == [0] * 8 + [-1] * 8
     assert row.source.tolist() == [DATA_TYPES.index("caption")] * 8 + [-1] * 8
-    assert row.stats == {"positions": 16, "padding": 8, "documents": 1, "images": 1}
+    assert row.stats == {"positions": 16, "padding": 8, "documents": 1, "images": 1,
+                         "tokens/caption": 8, "tokens/image": 2}
     assert torch.equal(row.images, image(7)[None])
 
 

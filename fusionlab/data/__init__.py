@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "datamodule": ("FusionDataModule", "RowStream", "Source", "expand_shards"),
+    "datamodule": ("FusionDataModule", "Source", "expand_shards"),
     "errors": ("ShardReadError", "SkipCounter", "SkipSample", "StrictDataError"),
     "formats": ("Document", "SampleDecoder", "decode_samples", "tar_samples"),
+    "loader": ("StreamPosition", "TrainLoader"),
     "images": ("decode_image", "image_to_tensor", "patchify", "to_rgb"),
     "packing": ("Packer", "Row", "collate_rows"),
+    "streams": ("BatchStream", "RowStream"),
     "tokenizer": ("ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,43 +1,39 @@
-"""Sources, mixture weights, splitting across ranks and workers: shards in, packed Batches out.
+"""Sources and the Lightning DataModule: shard patterns in, packed Batches out.
 
-Training stream, per rank and DataLoader worker (a "reader"):
+A Source names shards of one data type and a mixture weight. FusionDataModule resolves the shard
+lists (an empty source is left out with a warning and the weights renormalised; all sources
+empty is an error at start-up) and builds the loaders:
 
-    per source: shard urls (resampled with replacement, or this reader's share)
-        -> raw samples (formats.tar_samples; only allow-listed members are read)
-        -> seeded shuffle buffer over raw samples (cheap: bytes, not pixels)
-        -> Documents (formats.decode_samples; losses go to one SkipCounter)
-    mix the sources: each document comes from source i with probability weight_i / sum(weights)
-        -> Packer rows of `context` positions -> DataLoader batches of `batch_size` rows
+- training: a TrainLoader (loader.py) per rank over RowStreams (streams.py), which mix the sources
+  per sample by weight, resampled with replacement or read once per epoch, with every rank running
+  the same number of steps and exact positions for resuming;
+- validation: every validation sample read once, in order, with no shuffle and no resampling,
+  the readers' shares disjoint (see streams.split_shards).
 
-Batching happens in the DataLoader (collate_fn=packing.collate_rows), so every batch comes from a
-single worker and carries that worker's counters in Batch.stats.
-
-Validation reads every validation source once, in order, with no shuffle and no resampling. Each
-reader takes every n-th shard when there are at least as many shards as readers, and otherwise
-every n-th sample of every shard, so that together the readers see each sample exactly once.
+Batches are collated in the DataLoader workers, so each batch comes from one worker and carries
+that worker's counters (skipped samples by reason, token counts by type) in Batch.stats.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
-import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
-import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset
+from torch import distributed as dist
+from torch.utils.data import DataLoader
 
-from fusionlab.batch import DATA_TYPES
-from fusionlab.data.errors import SkipCounter
-from fusionlab.data.formats import Document, SampleDecoder, decode_samples, tar_samples
-from fusionlab.data.packing import Packer, Row, collate_rows
+from fusionlab.batch import DATA_TYPES, Batch
+from fusionlab.data.formats import tar_samples
+from fusionlab.data.loader import StreamPosition, TrainLoader
+from fusionlab.data.packing import padding_batch
+from fusionlab.data.streams import BatchStream, ResolvedSource, RowStream, StreamSettings, rank_info
 from fusionlab.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import inspect
 from abc import ABCMeta, abstractmethod
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from fusionlab.batch import Batch
-from fusionlab.models.layers import LayerContext, packed_attention_mask
+from fusionlab.models.layers import LayerContext, packed_attention_mask, packed_block_mask
 
 
 class ParameterCounts(NamedTuple):
@@ -126,5 +127,21 @@ def place_image_features(x: Tensor, features: Tensor, batch: Batch) -> Tensor:
     return x
 
 
-def attention_mask(batch: Batch) -> Tensor:
+AttentionKind = Literal["auto", "sdpa", "flex"]
+
+
+def attention_mask(batch: Batch, kind: AttentionKind = "auto") -> Tensor | BlockMask:
+    """Build the packed attention mask for the chosen kernel.
+
+    "sdpa": a dense boolean (B, 1, T, T) mask for scaled_dot_product_attention. "flex": a
+    FlexAttention block mask. "auto": flex on CUDA, sdpa elsewhere (eager FlexAttention on CPU
+    materialises the score matrix and is slower than SDPA).
+    """
+    if kind == "flex" or (kind == "auto" and batch.tokens.is_cuda):
+        if not batch.tokens.is_cuda and torch.is_grad_enabled():
+            raise ValueError(
+                "FlexAttention has no backward pass on CPU (torch 2.14): set the backbone's "
+                "attention: sdpa (or auto) to train on CPU; flex works on CPU for inference only"
+            )
+        return packed_block_mask(batch.document, batch.image_index)
     return packed_attention_mask(batch.document, batch.image_index)

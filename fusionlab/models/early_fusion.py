@@ -13,6 +13,7 @@ from torch import nn
 
 from fusionlab.batch import Batch
 from fusionlab.models.base import (
+    AttentionKind,
     Backbone,
     BackboneOutput,
     ParameterCounts,
@@ -43,6 +44,8 @@ class EarlyFusion(Backbone):
         ffn_multiple_of: rounding of the default d_ff.
         rope_theta: rotary embedding base.
         activation_checkpointing: recompute each decoder layer in the backward pass.
+        attention: attention kernel: "flex" (FlexAttention block mask), "sdpa" (dense boolean mask)
+            or "auto" (flex on CUDA, sdpa elsewhere).
         moe: mixture-of-experts feed-forward layers; dense SwiGLU layers when None. A plain dict
             of MoEConfig fields is accepted too, which is how checkpoints store it.
     """
@@ -60,6 +63,7 @@ class EarlyFusion(Backbone):
         ffn_multiple_of: int = 256,
         rope_theta: float = 10000.0,
         activation_checkpointing: bool = False,
+        attention: AttentionKind = "auto",
         moe: MoEConfig | None = None,
     ):
         super().__init__()
@@ -68,6 +72,7 @@ class EarlyFusion(Backbone):
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         head_dim = head_dim or resolve_head_dim(d_model, n_heads)
         self.vocab_size = vocab_size
+        self.attention = attention
         self.patch_size = patch_size
         self.tokens_per_image = (image_size // patch_size) ** 2
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, d_model)
@@ -91,7 +96,7 @@ class EarlyFusion(Backbone):
             features = self.patch_embed(patchify(pixels, self.patch_size))  # (n_images, P, D)
             x = place_image_features(x, features, batch)
         context = layer_context(batch)
-        hidden = self.decoder(x, batch.positions, attention_mask(batch), context)
+        hidden = self.decoder(x, batch.positions, attention_mask(batch, self.attention), context)
         aux = sum(context.aux_losses.values(), x.new_zeros(()).float())
         return BackboneOutput(self.decoder.head(hidden), aux, context.stats)
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fusionlab.batch import Batch
 from fusionlab.models.base import (
+    AttentionKind,
     Backbone,
     BackboneOutput,
     ParameterCounts,
@@ -48,6 +49,8 @@ class LateFusion(Backbone):
         freeze_encoder: keep the encoder's weights fixed.
         encoder_weights: optional path of a local encoder checkpoint to start from.
         activation_checkpointing: recompute each decoder layer in the backward pass.
+        attention: attention kernel: "flex" (FlexAttention block mask), "sdpa" (dense boolean mask)
+            or "auto" (flex on CUDA, sdpa elsewhere).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class LateFusion(Backbone):
         freeze_encoder: bool = False,
         encoder_weights: str | None = None,
         activation_checkpointing: bool = False,
+        attention: AttentionKind = "auto",
     ):
         super().__init__()
         if image_size % patch_size:
@@ -79,6 +83,7 @@ class LateFusion(Backbone):
         if encoder_width % encoder_heads:
             raise ValueError(f"encoder_width {encoder_width} is not divisible by encoder_heads {encoder_heads}")
         self.vocab_size = vocab_size
+        self.attention = attention
         self.tokens_per_image = (image_size // patch_size) ** 2
         self.encoder = build_vit(
             encoder, image_size, patch_size, encoder_width, encoder_layers, encoder_heads,
@@ -112,7 +117,7 @@ class LateFusion(Backbone):
         if batch.images.numel():
             x = place_image_features(x, self.encode_images(batch.images), batch)
         context = layer_context(batch)
-        hidden = self.decoder(x, batch.positions, attention_mask(batch), context)
+        hidden = self.decoder(x, batch.positions, attention_mask(batch, self.attention), context)
         aux = sum(context.aux_losses.values(), x.new_zeros(()).float())
         return BackboneOutput(self.decoder.head(hidden), aux, context.stats)
 

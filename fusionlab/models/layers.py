@@ -6,12 +6,14 @@ D (d_model), F (d_ff).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 def ffn_hidden_size(d_model: int, multiple_of: int = 256) -> int:
@@ -85,6 +87,36 @@ def packed_attention_mask(document: Tensor, image_index: Tensor) -> Tensor:
     return allowed[:, None]
 
 
+def packed_block_mask(document: Tensor, image_index: Tensor) -> BlockMask:
+    """The same mask as `packed_attention_mask`, as a FlexAttention block mask.
+
+    Fully masked blocks are skipped by the kernel and no (T, T) tensor is kept for the backward
+    pass, which is what makes long packed contexts affordable on GPUs.
+    """
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        same_doc = (document[b, q] == document[b, kv]) & (document[b, q] >= 0)
+        same_image = (image_index[b, q] == image_index[b, kv]) & (image_index[b, q] >= 0)
+        return (same_doc & ((kv <= q) | same_image)) | (q == kv)
+
+    B, T = document.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=document.device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Compiled once per process: eager flex_attention materialises the full score matrix.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask) -> Tensor:
+    """Attention over (B, H, T, K) tensors with a boolean mask (SDPA) or a block mask (FlexAttention)."""
+    if isinstance(mask, BlockMask):
+        kernel = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return kernel(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 @dataclass
 class LayerContext:
     """Per-forward information that feed-forward layers may need (MoE routing) and fill in.
@@ -114,13 +146,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps)
         self.k_norm = RMSNorm(head_dim, norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | BlockMask) -> Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, K)
         q = apply_rotary(self.q_norm(q), *rope)
         k = apply_rotary(self.k_norm(k), *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, K)
+        y = attend(q, k, v, mask)  # (B, H, T, K)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.proj(y)
 

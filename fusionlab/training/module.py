@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusionlab.batch import DATA_TYPES, IGNORE_INDEX, Batch
+from fusionlab.data.stats import data_metrics
 from fusionlab.models.base import Backbone, ParameterCounts
 from fusionlab.training.metrics import TokenLossByType, loss_sums_by_type
 from fusionlab.training.optim import build_optimizer
@@ -200,9 +201,8 @@ class FusionModule(L.LightningModule):
         self.log("train/packing_efficiency", total[0].float() / batch.tokens.numel() / self.trainer.world_size)
         self.log("train/tokens_seen", self.tokens_seen.float())
         self.log("train/flops", self.flops_seen_tensor())
-        for key, value in self.data_counters.items():
-            if key.startswith(("skipped", "images_dropped")):
-                self.log(f"data/{key}", float(value))
+        for key, value in data_metrics(self.data_counters).items():
+            self.log(f"data/{key}", value)
 
     def flops_seen_tensor(self) -> Tensor:
         """Training FLOPs so far, C = 6 (N D + N_v D_v), as a device tensor (no host sync)."""
