@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fusionlab.models.layers import Attention, LayerContext, RMSNorm, RotaryEmbedding, SwiGLU
+from fusionlab.models.layers import Attention, LayerContext, LayerKVCache, RMSNorm, RotaryEmbedding, SwiGLU
 
 FFNFactory = Callable[[int], nn.Module]
 
@@ -25,9 +25,34 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d_model, norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, context: LayerContext) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor,
+        context: LayerContext,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
         return x + self.ffn(self.ffn_norm(x), context)
+
+
+class KVCache:
+    """Keys and values of every decoder layer, for decoding one position at a time.
+
+    The layers advance together: `length` is the number of positions cached so far.
+    """
+
+    def __init__(self, layers: list[LayerKVCache]):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].keys.shape[2]
 
 
 class Decoder(nn.Module):
@@ -69,13 +94,36 @@ class Decoder(nn.Module):
                 std = 0.02 / (2 * n_layers) ** 0.5
             nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor, context: LayerContext) -> Tensor:
-        """Map input embeddings (B, T, D) to final hidden states (B, T, D)."""
+    def new_cache(
+        self, batch_size: int, max_length: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> KVCache:
+        """Allocate an empty KV cache of `max_length` positions for `batch_size` rows."""
+        attn = self.layers[0].attn
+        dtype = dtype or self.head.weight.dtype
+        device = device or self.head.weight.device
+        return KVCache([
+            LayerKVCache(batch_size, attn.n_heads, attn.head_dim, max_length, dtype, device) for _ in self.layers
+        ])
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        context: LayerContext,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Map input embeddings (B, T, D) to final hidden states (B, T, D).
+
+        With a cache, x holds only the new positions: the mask then has cache.length + T key
+        columns, and the new keys and values are appended to the cache.
+        """
         rope = self.rope(positions)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 # Recompute the block in backward: only its input is kept for the backward pass.
                 x = checkpoint(layer, x, rope, mask, context, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, context)
+                x = layer(x, rope, mask, context, layer_cache)
         return self.norm(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch import nn
+from torch import Tensor, nn
 
 from fusionlab.batch import Batch
 from fusionlab.models.base import (
@@ -89,12 +89,17 @@ class EarlyFusion(Backbone):
             activation_checkpointing=activation_checkpointing,
         )
 
-    def forward(self, batch: Batch) -> BackboneOutput:
+    def embed(self, batch: Batch) -> Tensor:
+        """Build the decoder input (B, T, D): token embeddings with projected patches at image positions."""
         x = self.decoder.embed(batch.tokens)  # (B, T, D)
         if batch.images.numel():
             pixels = normalize_images(batch.images, self.patch_embed.weight.dtype)
             features = self.patch_embed(patchify(pixels, self.patch_size))  # (n_images, P, D)
             x = place_image_features(x, features, batch)
+        return x
+
+    def forward(self, batch: Batch) -> BackboneOutput:
+        x = self.embed(batch)
         context = layer_context(batch)
         hidden = self.decoder(x, batch.positions, attention_mask(batch, self.attention), context)
         aux = sum(context.aux_losses.values(), x.new_zeros(()).float())

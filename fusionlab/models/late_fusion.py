@@ -112,10 +112,15 @@ class LateFusion(Backbone):
         features = features[:, self.encoder.num_prefix_tokens :]
         return self.connector(features)
 
-    def forward(self, batch: Batch) -> BackboneOutput:
+    def embed(self, batch: Batch) -> Tensor:
+        """Build the decoder input (B, T, D): token embeddings with encoded patches at image positions."""
         x = self.decoder.embed(batch.tokens)  # (B, T, D)
         if batch.images.numel():
             x = place_image_features(x, self.encode_images(batch.images), batch)
+        return x
+
+    def forward(self, batch: Batch) -> BackboneOutput:
+        x = self.embed(batch)
         context = layer_context(batch)
         hidden = self.decoder(x, batch.positions, attention_mask(batch, self.attention), context)
         aux = sum(context.aux_losses.values(), x.new_zeros(()).float())

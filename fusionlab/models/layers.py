@@ -133,6 +133,33 @@ class LayerContext:
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
+class LayerKVCache:
+    """Preallocated keys and values (B, H, max_length, K) of one attention layer.
+
+    `update` writes the new keys and values after the `length` cached ones and returns every cached
+    position so far, so attention over a decoding step sees the whole prefix.
+    """
+
+    def __init__(self, batch_size: int, n_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, n_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(
+                f"KV cache overflow: {end} positions requested but the cache holds {self.keys.shape[2]}: "
+                "build the cache with a larger max_length"
+            )
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with QK-norm and rotary positions."""
 
@@ -146,12 +173,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, norm_eps)
         self.k_norm = RMSNorm(head_dim, norm_eps)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | BlockMask) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | BlockMask,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """Attend over x (B, T, D), or with a cache over the cached prefix and x, storing x's keys.
+
+        With a cache the mask has one key column per cached position plus T.
+        """
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, K)
         q = apply_rotary(self.q_norm(q), *rope)
         k = apply_rotary(self.k_norm(k), *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, H, cached + T, K)
         y = attend(q, k, v, mask)  # (B, H, T, K)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.proj(y)

@@ -42,7 +42,9 @@ class FusionModule(L.LightningModule):
         micro_batches: split each loaded batch into this many micro-batches (gradient accumulation).
         max_nonfinite_steps: a step whose loss or gradient norm is not finite is skipped (no
             update) and counted; this many consecutive skips stop training with an error.
-        fused_adamw: use the fused AdamW kernel where the device supports it.
+        fused_adamw: use the fused AdamW kernel (one kernel for all parameters; CPU and CUDA in
+            torch 2.14).
+        compile: compile the backbone with torch.compile (the first steps pay the compilation).
         shuffled_image_eval: also report validation loss with images shuffled across samples,
             which measures how much the model uses the pixels.
     """
@@ -59,6 +61,7 @@ class FusionModule(L.LightningModule):
         micro_batches: int = 1,
         max_nonfinite_steps: int = 10,
         fused_adamw: bool = False,
+        compile: bool = False,
         shuffled_image_eval: bool = True,
     ):
         super().__init__()
@@ -78,6 +81,12 @@ class FusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------
     # optimisation
+
+    def configure_model(self) -> None:
+        # In place, so parameter names and checkpoints are the same with and without compilation.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.backbone.compile()
+            self._compiled = True
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(
