@@ -25,9 +25,14 @@ training (LightningCLI; `fusionlab fit --help` lists every option):
 tools:
   data        write the bundled sample shards (data sample)
   scaling     fit scaling laws and predict compute-optimal sizes (scaling fit, scaling predict)
+  sweep       plan a scaling-law study, run it locally or on SLURM, watch it (sweep plan|run|status)
   compare     train several recipes and print losses, FLOPs, time and memory side by side:
               fusionlab compare recipes/tiny_early.yaml recipes/tiny_late.yaml
   routing     MoE expert routing and specialisation of a checkpoint on shards (PNG + JSON)
+  predict     caption images from a folder or caption shards with a checkpoint (JSON lines):
+              fusionlab predict CKPT --shards 'sample/caption/val-*.tar' --out captions.jsonl
+  downstream  caption scores, question-answering fine-tuning and scores of several checkpoints
+              as one table: fusionlab downstream --config configs/sft_qa.yaml --checkpoint early=CKPT ...
 
 `fusionlab COMMAND --help` shows the options of a command.
 """
@@ -53,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 TOOL_MODULES = {
     "data": "fusionlab.data.cli",
     "scaling": "fusionlab.scaling.cli",
+    "sweep": "fusionlab.scaling.sweep_cli",
     "compare": "fusionlab.training.compare",
     "routing": "fusionlab.training.routing_cli",
+    "predict": "fusionlab.evaluation.predict",
+    "downstream": "fusionlab.evaluation.downstream",
 }
 
 

@@ -137,7 +137,7 @@ class LayerKVCache:
     """Preallocated keys and values (B, H, max_length, K) of one attention layer.
 
     `update` writes the new keys and values after the `length` cached ones and returns every cached
-    position so far, so attention over a decoding step sees the whole prefix.
+    position so far, so a decoding step attends over the whole prefix.
     """
 
     def __init__(self, batch_size: int, n_heads: int, head_dim: int, max_length: int, dtype: torch.dtype,
@@ -151,7 +151,7 @@ class LayerKVCache:
         end = self.length + k.shape[2]
         if end > self.keys.shape[2]:
             raise ValueError(
-                f"KV cache overflow: {end} positions requested but the cache holds {self.keys.shape[2]}: "
+                f"KV cache overflow: {end} positions requested but the cache has room for {self.keys.shape[2]}: "
                 "build the cache with a larger max_length"
             )
         self.keys[:, :, self.length : end] = k

@@ -1,0 +1,1 @@
+"""Downstream evaluation: CIDEr-D, digit accuracy and question answering on the sample scenes."""
