@@ -7,10 +7,11 @@ SAMPLE_DIR ?= data/sample
 
 .PHONY: install demo sample test clean
 
-$(BIN)/fusionlab: pyproject.toml
+# fusionlab with its test tools, and the example plugin that the tests exercise beside it.
+$(BIN)/fusionlab: pyproject.toml plugins/fusionlab-xattn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev]" -e plugins/fusionlab-xattn
 	touch $(BIN)/fusionlab
 
 install: $(BIN)/fusionlab
@@ -23,8 +24,9 @@ sample: $(SAMPLE_DIR)/manifest.json
 demo: sample
 	$(BIN)/fusionlab fit --config recipes/quickstart.yaml
 
+# The package's tests and the example plugin's own tests, in one pytest run.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests plugins/fusionlab-xattn/tests
 
 clean:
 	rm -rf runs data/sample

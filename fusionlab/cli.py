@@ -25,6 +25,7 @@ training (LightningCLI; `fusionlab fit --help` lists every option):
 tools:
   data        write the bundled sample shards (data sample)
   scaling     fit scaling laws and predict compute-optimal sizes (scaling fit, scaling predict)
+  plugins     list installed architectures (built-in and plugins) and any that failed to load
   sweep       plan a scaling-law study, run it locally or on SLURM, watch it (sweep plan|run|status)
   compare     train several recipes and print losses, FLOPs, time and memory side by side:
               fusionlab compare recipes/tiny_early.yaml recipes/tiny_late.yaml
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 TOOL_MODULES = {
     "data": "fusionlab.data.cli",
     "scaling": "fusionlab.scaling.cli",
+    "plugins": "fusionlab.plugins_cli",
     "sweep": "fusionlab.scaling.sweep_cli",
     "compare": "fusionlab.training.compare",
     "routing": "fusionlab.training.routing_cli",

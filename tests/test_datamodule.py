@@ -195,6 +195,20 @@ def test_mixture_follows_weights(tmp_path):
     assert first_keys(seed=1, n_batches=1) != first_keys(seed=0, n_batches=1)
 
 
+def test_mixture_of_many_sources(tmp_path):
+    weights = {"a": 4.0, "b": 2.0, "c": 1.0, "d": 1.0}
+    sources = []
+    for name, weight in weights.items():
+        text_shard(tmp_path / f"{name}.tar", [f"{name}{i}" for i in range(30)])
+        sources.append(Source(str(tmp_path / f"{name}.tar"), "text", weight=weight))
+    dm = FusionDataModule(sources, **{**GEOMETRY, "context": 100, "batch_size": 8})
+    keys = [key for batch in islice(dm.train_dataloader(), 8) for key in sample_keys(batch)]
+    assert len(keys) > 400
+    for name, weight in weights.items():
+        share = sum(key.startswith(name) for key in keys) / len(keys)
+        assert abs(share - weight / sum(weights.values())) < 0.07, name
+
+
 def test_skip_counts_reach_batches_once(tmp_path):
     members = [("a.png", png()), ("a.txt", "sample a."), ("b.png", png()), ("b.txt", ""),
                ("c.png", b""), ("c.txt", "sample c."), ("d.png", png()), ("d.txt", "sample d.")]

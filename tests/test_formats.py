@@ -98,6 +98,69 @@ def test_interleaved_native_layout(tmp_path):
     assert counter.totals == {"image_url": 1}  # the URL image is dropped, never fetched
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_mmc4_openflamingo_layout(tmp_path):
+    document = {
+        "url": "https://example.invalid/page",
+        "text_list": ["First sentence.", "Second sentence.", "Third sentence."],
+        "image_info": [
+            {"image_name": "a.jpg", "raw_url": "https://example.invalid/a.jpg", "matched_text_index": 2,
+             "matched_sim": 0.3, "image_base64": b64(png((250, 0, 0)))},
+            {"image_name": "gone.jpg", "raw_url": "https://example.invalid/gone.jpg", "matched_text_index": 0},
+            {"image_name": "c.jpg", "image_base64": b64(png((0, 0, 250)))},  # matched by similarity only
+        ],
+        "similarity_matrix": [[0.1, 0.2, 0.3], [0.3, 0.1, 0.1], [0.25, 0.2, 0.1]],
+        "could_have_url_duplicate": 0,
+    }
+    shard = write_tar(tmp_path / "000000000.tar", [("5f3a9c.json", json.dumps(document))])
+    counter = SkipCounter()
+    (doc,) = read([shard], "interleaved", counter)
+    kinds = ["text" if isinstance(segment, str) else "image" for segment in doc.segments]
+    assert kinds == ["image", "text", "image", "text"]
+    assert doc.segments[0][2].float().mean() > 240  # blue, before the sentence of highest similarity
+    assert doc.segments[1] == "First sentence.\n\nSecond sentence."
+    assert doc.segments[2][0].float().mean() > 240  # red, before its matched_text_index
+    assert doc.segments[3] == "Third sentence."
+    assert counter.totals == {"missing_image": 1}  # the failed download is dropped, never fetched
+
+
+def test_mmc4_similarity_only(tmp_path):
+    document = {"text_list": ["one", "two"], "image_info": [{"image_base64": b64(png())}],
+                "similarity_matrix": [[0.1, 0.9]]}
+    shard = write_tar(tmp_path / "s.tar", [("d.json", json.dumps(document))])
+    (doc,) = read([shard], "interleaved")
+    assert [isinstance(segment, str) for segment in doc.segments] == [True, False, True]
+    assert doc.segments[0] == "one"
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ({"text_list": ["a", "b"], "image_info": [{"image_base64": ""}], "similarity_matrix": [[0.1]]},
+         "invalid_layout"),
+        ({"text_list": ["a"], "image_info": [{"matched_text_index": 3, "image_base64": ""}]}, "invalid_layout"),
+        ({"text_list": "a", "image_info": []}, "invalid_layout"),
+        ({"text_list": [], "image_info": []}, "empty_text"),
+        ({"text_list": ["only text"], "image_info": []}, "no_image"),
+    ],
+)
+def test_mmc4_bad_documents(tmp_path, document, reason):
+    shard = write_tar(tmp_path / "s.tar", [("d.json", json.dumps(document))])
+    counter = SkipCounter()
+    assert read([shard], "interleaved", counter) == []
+    assert counter.totals == {reason: 1}
+
+
+def test_obelics_bare_base64_image(tmp_path):
+    document = {"texts": ["caption", None], "images": [None, b64(png((0, 250, 0)))]}
+    shard = write_tar(tmp_path / "s.tar", [("d.json", json.dumps(document))])
+    (doc,) = read([shard], "interleaved")
+    assert doc.segments[1][1].float().mean() > 240
+
+
 def test_text_layout(tmp_path):
     shard = write_tar(tmp_path / "t.tar", [("k0.txt", "Some prose."), ("k1.txt", "More prose.")])
     docs = read([shard], "text")
@@ -176,9 +239,12 @@ def test_pickled_members_never_loaded(tmp_path):
                ("b.pth", weights.getvalue()), ("b.pickle", trap), ("b.png", png()), ("b.txt", "another")]
     shard = write_tar(tmp_path / "p.tar", members)
     raw = list(tar_samples([shard]))
-    assert all(set(sample) == {"__key__", "__url__", "png", "txt"} for sample in raw)
-    docs = read([shard], "caption")
+    assert all(set(sample) == {"__key__", "__url__", "__ignored__", "png", "txt"} for sample in raw)
+    assert [sample["__ignored__"] for sample in raw] == [["pyd"], ["pth", "pickle"]]
+    counter = SkipCounter()
+    docs = read([shard], "caption", counter)
     assert [doc.key for doc in docs] == ["a", "b"]
+    assert counter.totals == {"ignored_member": 3}
     assert docs[0].segments[1] == "a red square"
     assert not marker.exists()
 

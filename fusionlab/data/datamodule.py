@@ -1,8 +1,8 @@
 """Sources and the Lightning DataModule: shard patterns in, packed Batches out.
 
 A Source names shards of one data type and a mixture weight. FusionDataModule resolves the shard
-lists (an empty source is left out with a warning and the weights renormalised; all sources
-empty is an error at start-up) and builds the loaders:
+lists and builds the loaders. An empty source is left out with a warning and the weights of the
+others renormalised, and all sources empty is an error at start-up. The loaders:
 
 - training: a TrainLoader (loader.py) per rank over RowStreams (streams.py), which mix the sources
   per sample by weight, resampled with replacement or read once per epoch, with every rank running
@@ -99,9 +99,10 @@ class FusionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per rank.
         seed: seed of the shard order and draws, shuffle buffers and the mixture.
         shuffle_buffer: raw samples held per source for shuffling in training; 0 or 1 turns it off.
-        resample: draw training shards with replacement, forever (the epoch length then comes from
-            batches_per_epoch, or the run is one endless epoch bounded by max_steps); False reads
-            each training sample exactly once per epoch, over all ranks and workers together.
+        resample: draw training shards with replacement, forever. The epoch length then comes from
+            batches_per_epoch, or the run is one endless epoch bounded by max_steps. False reads
+            each training sample exactly once per epoch, over all ranks and workers together
+            (ranks whose share runs out first train on no-loss padding batches until all are done).
         batches_per_epoch: with resample, end each training epoch after this many batches; every
             epoch then draws a new stream, and resuming replays at most one epoch of data loading.
         drop_last: drop the last, partial batch of each worker's stream in training.
@@ -153,6 +154,7 @@ class FusionDataModule(L.LightningDataModule):
                 f"batches_per_epoch={batches_per_epoch} needs resample=True and a value of at least 1: "
                 "without resampling an epoch is one pass over the training samples"
             )
+
         self._tokenizer = load_tokenizer(tokenizer)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -168,7 +170,9 @@ class FusionDataModule(L.LightningDataModule):
         self.strict = strict
         self.random_crop = random_crop
         self.hflip = hflip
+
         self._resolved: dict[str, list[ResolvedSource]] = {}
+        # The position after the batch that reached the training step last, and the one to resume from.
         self._trained_position: StreamPosition | None = None
         self._resume_position: StreamPosition | None = None
 
@@ -309,7 +313,7 @@ class FusionDataModule(L.LightningDataModule):
 
 
 def _gather_objects(value: Any) -> list[Any]:
-    """Return [value of rank 0, value of rank 1, ...]; a collective when several ranks run."""
+    """Return [value of rank 0, value of rank 1, ...], gathered from every rank when several run."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()

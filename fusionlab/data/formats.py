@@ -4,11 +4,17 @@ Layouts, by source type:
 
 - caption (img2dataset, LAION, DataComp, CC12M): `{key}.jpg|jpeg|png|webp` and `{key}.txt`, with an
   optional `{key}.json` of metadata that is tolerated and never parsed. Keys may have gaps.
-- interleaved (the OBELICS schema with the bytes inside the tar, as Megatron-Energon stores it):
-  `{key}.json` = {"texts": [...], "images": [...]}, two lists of equal length with exactly one
-  non-null entry per index. An image entry is the name of a sibling member ("img0.png" for member
-  `{key}.img0.png`), a {"base64": ...} object or a base64 data: URI. Images given only as URLs are
-  dropped and counted, never fetched. Other fields such as "metadata" are ignored.
+- interleaved, two layouts of `{key}.json`:
+  - the OBELICS schema with the bytes inside the tar, as Megatron-Energon stores it:
+    {"texts": [...], "images": [...]}, two lists of equal length with exactly one non-null entry per
+    index. An image entry is the name of a sibling member ("img0.png" for member
+    `{key}.img0.png`), a {"base64": ...} object, a base64 data: URI or a bare base64 string.
+    Other fields such as "metadata" are ignored.
+  - MMC4 as OpenFlamingo's converter writes it: {"text_list": [...], "image_info": [{...,
+    "image_base64": ...}], "similarity_matrix": [[...]]}; each image is placed before its matched
+    sentence (see _mmc4_lists).
+  Images given only as URLs, or MMC4 images without image_base64, are dropped and counted, never
+  fetched.
 - text: `{key}.txt` (a `{key}.json` beside it is ignored).
 
 Only allow-listed members (the image extensions above, txt, json) are ever read from a tar, and
@@ -74,6 +80,9 @@ def is_allowed_member(extension: str) -> bool:
 def tar_samples(urls: Iterable[str], handler: Callable[[Exception], bool] | None = None) -> Iterator[dict]:
     """Read raw samples {"__key__", "__url__", extension: bytes} from tar shards, in order.
 
+    Members that are not allow-listed are never read; their extensions are listed under
+    "__ignored__" so that the decoder can count them.
+
     Members are grouped into samples as webdataset does: the key is the member name up to the first
     dot of its base name. A shard that fails to open or read gives `handler` one ShardReadError
     naming the shard and the key being read. The sample being read and the rest of that shard are
@@ -103,6 +112,7 @@ def _read_shard(url: str, handler: Callable[[Exception], bool] | None) -> Iterat
                     sample = {"__key__": key, "__url__": url}
                 extension = extension.lower()
                 if not is_allowed_member(extension):
+                    sample.setdefault("__ignored__", []).append(extension)
                     continue  # never read, so never decoded or unpickled
                 if extension in sample:
                     sample["__duplicate__"] = extension
@@ -195,7 +205,11 @@ class SampleDecoder:
         return [_text_member(sample)]
 
     def _interleaved(self, sample: dict, on_image_skip) -> list[Segment]:
-        texts, images = _parallel_lists(_json_member(sample))
+        document = _json_member(sample)
+        if isinstance(document, dict) and "text_list" in document:
+            texts, images = _mmc4_lists(document)
+        else:
+            texts, images = parallel_lists(document)
         segments: list[Segment] = []
         for text, entry in zip(texts, images):
             if text is not None:
@@ -218,6 +232,9 @@ def decode_samples(samples: Iterable[dict], decoder: SampleDecoder, counter: Ski
     """Decode raw samples into Documents, passing every skipped sample or image to `counter`."""
     for sample in samples:
         shard, key = sample["__url__"], sample["__key__"]
+        for extension in sample.get("__ignored__", ()):
+            detail = f"member {key}.{extension} is not an image, txt or json member, so it is never read (nor unpickled)"
+            counter.skip(shard, key, SkipSample("ignored_member", detail))
 
         def on_image_skip(skip: SkipSample) -> None:
             counter.skip(shard, key, skip)
@@ -228,6 +245,29 @@ def decode_samples(samples: Iterable[dict], decoder: SampleDecoder, counter: Ski
             counter.skip(shard, key, skip)
             continue
         yield document
+
+
+def sample_texts(sample: dict) -> list[str]:
+    """Return the text of a raw sample of any type without decoding images (for tokenizer training).
+
+    Text comes from the txt member, the "texts" of an OBELICS-schema json or the "text_list" of an
+    MMC4 json. Members that are not valid UTF-8 or JSON give no text.
+    """
+    texts = []
+    if "txt" in sample:
+        try:
+            texts.append(sample["txt"].decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    if "json" in sample:
+        try:
+            document = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            document = None
+        if isinstance(document, dict):
+            listed = document.get("texts") or document.get("text_list") or []
+            texts += [text for text in listed if isinstance(text, str)] if isinstance(listed, list) else []
+    return [text for text in texts if text.strip()]
 
 
 def _members(sample: dict) -> str:
@@ -273,7 +313,8 @@ def _json_member(sample: dict):
         raise SkipSample("invalid_json", f"{type(exn).__name__}: {exn}") from exn
 
 
-def _parallel_lists(document) -> tuple[list, list]:
+def parallel_lists(document) -> tuple[list, list]:
+    """Return the "texts" and "images" lists of an OBELICS-schema document, checked for shape."""
     if not isinstance(document, dict) or not isinstance(document.get("texts"), list):
         raise SkipSample("invalid_layout", 'interleaved json must be an object with lists "texts" and "images"')
     texts, images = document["texts"], document.get("images")
@@ -287,6 +328,58 @@ def _parallel_lists(document) -> tuple[list, list]:
     return texts, images
 
 
+def _mmc4_lists(document: dict) -> tuple[list, list]:
+    """Turn an MMC4 document (OpenFlamingo's WebDataset form) into parallel texts/images lists.
+
+    Each image goes right before the sentence it is matched to: its `matched_text_index` (MMC4's
+    own assignment) when present, otherwise the sentence of highest CLIP similarity in its row of
+    `similarity_matrix` (rows are images, columns sentences), as OpenFlamingo's reader does.
+    Several images matched to one sentence keep their order.
+    """
+    sentences, infos = document["text_list"], document.get("image_info", [])
+    if not isinstance(sentences, list) or not all(isinstance(sentence, str) for sentence in sentences):
+        raise SkipSample("invalid_layout", '"text_list" must be a list of strings')
+    if not isinstance(infos, list) or not all(isinstance(info, dict) for info in infos):
+        raise SkipSample("invalid_layout", '"image_info" must be a list of objects')
+    if not sentences:
+        raise SkipSample("empty_text", "MMC4 document with an empty text_list")
+    attached: list[list] = [[] for _ in sentences]
+    for index, info in enumerate(infos):
+        sentence = _matched_sentence(info, index, document.get("similarity_matrix"), len(sentences))
+        attached[sentence].append(_mmc4_image(info, index))
+    texts, images = [], []
+    for sentence, entries in zip(sentences, attached):
+        texts += [None] * len(entries) + [sentence]
+        images += entries + [None]
+    return texts, images
+
+
+def _matched_sentence(info: dict, index: int, similarity, n_sentences: int) -> int:
+    matched = info.get("matched_text_index")
+    if matched is None and isinstance(similarity, list) and index < len(similarity):
+        row = similarity[index]
+        if isinstance(row, list) and len(row) == n_sentences and all(isinstance(x, (int, float)) for x in row):
+            matched = max(range(n_sentences), key=row.__getitem__)
+    if isinstance(matched, bool) or not isinstance(matched, int) or not 0 <= matched < n_sentences:
+        raise SkipSample(
+            "invalid_layout",
+            f"image_info[{index}] has no usable matched_text_index ({matched!r}) and no similarity_matrix row "
+            f"of {n_sentences} numbers to match it to a sentence",
+        )
+    return matched
+
+
+def _mmc4_image(info: dict, index: int):
+    if "image_base64" in info:
+        return {"base64": info["image_base64"]}
+    # OpenFlamingo's converter leaves out image_base64 where the download failed.
+    return SkipSample(
+        "missing_image",
+        f"image_info[{index}] ({info.get('image_name')!r}) has no image_base64, so its download failed; "
+        "images are never fetched while training",
+    )
+
+
 def _append_text(segments: list[Segment], text: str) -> None:
     text = text.strip()
     if not text:
@@ -298,6 +391,8 @@ def _append_text(segments: list[Segment], text: str) -> None:
 
 
 def _image_bytes(sample: dict, entry) -> bytes:
+    if isinstance(entry, SkipSample):
+        raise entry
     if isinstance(entry, dict):
         if "base64" in entry:
             return _from_base64(entry["base64"])
@@ -312,6 +407,9 @@ def _image_bytes(sample: dict, entry) -> bytes:
         if not header.endswith(";base64"):
             raise SkipSample("invalid_base64", f"data: URI {header!r} is not base64")
         return _from_base64(payload)
+    if "." not in entry:
+        # Member names carry an extension, and the base64 alphabet has no dot.
+        return _from_base64(entry)
     if _URL.match(entry):
         raise SkipSample(
             "image_url",

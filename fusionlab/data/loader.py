@@ -1,8 +1,8 @@
 """The training iterable: one DataLoader pass per epoch, exact stream positions, equal steps on every rank.
 
-Position of a batch. Every training batch carries, in `Batch.stats` under "position/...", where the
-rank's stream stands once that batch is trained: the epoch, the batches trained in the epoch, the
-batches taken from each worker's stream, and the stream of the batch. The DataModule records the
+Position of a batch. Every training batch carries, in `Batch.stats` under "position/...", the
+position of the rank's stream once that batch is trained: the epoch, the batches trained in the
+epoch, the batches taken from each worker's stream, and the stream of the batch. The DataModule records the
 position of the batch that reaches the training step (not of the batch that Lightning's fetcher has
 already pulled ahead) and stores it in checkpoints; a resumed run rebuilds the epoch's streams and
 skips exactly the trained batches.
@@ -33,7 +33,7 @@ POSITION_PREFIX = "position/"
 
 @dataclass
 class StreamPosition:
-    """Where one rank's training stream stands after a batch.
+    """Position of one rank's training stream after a batch.
 
     `streams[w]` counts the batches taken from worker stream w in this epoch and `last` is the
     stream of the most recent one (-1 before the first). `batches` counts every batch of the epoch,
@@ -113,6 +113,9 @@ class TrainLoader:
         self.padding_batch = padding_batch
         self.current_epoch = current_epoch
         self.resume_position = resume_position
+        # Position after the last batch handed out. Lightning's fetcher pulls one batch ahead of
+        # the training step, so this is never the position to resume from.
+        self.position: StreamPosition | None = None
         self._passes = 0
 
     def __len__(self) -> int:
@@ -126,7 +129,7 @@ class TrainLoader:
         if epoch is None:
             epoch = self._passes
         self._passes += 1
-        position = self._start(epoch)
+        position = self.position = self._start(epoch)
         dataset = BatchStream(
             self.rows, rank=self.rank, world_size=self.world_size, epoch=epoch,
             skip=list(position.streams), rotation=(position.last + 1) % self.n_streams, tag_positions=True,

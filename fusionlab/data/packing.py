@@ -236,7 +236,7 @@ def _token_counts(source: Tensor, image_index: Tensor) -> dict[str, int]:
 
 
 def padding_batch(batch_size: int, context: int, tokenizer: Tokenizer, image_size: int) -> Batch:
-    """A batch of `batch_size` padding rows: no document, no image, no target, so no loss."""
+    """Build a batch of `batch_size` padding rows: no document, no image, no target, so no loss."""
     shape = (batch_size, context)
     return Batch(
         tokens=torch.full(shape, tokenizer.pad_id, dtype=torch.long),

@@ -2,7 +2,8 @@
 
 The counters come from `Batch.stats`, summed over the batches a rank has trained (see
 packing.Packer for the keys). Mixture weights are per-sample probabilities, so the share of
-tokens each data type gets also depends on the lengths of its samples; the shares are measured.
+tokens that each data type gets also depends on the lengths of its samples. The shares here are
+measured from the batches, not computed from the weights.
 """
 
 from __future__ import annotations

@@ -71,9 +71,9 @@ class StreamSettings:
 def split_shards(shards: list[str], reader: int, n_readers: int) -> tuple[list[str], list[str]]:
     """Return (the whole shards of `reader`, the shards that every reader shares sample by sample).
 
-    Whole shards go round-robin while every reader can get one; the remaining len(shards) % n_readers
-    shards are read by every reader, each keeping every n_readers-th sample, so that no reader
-    gets a whole shard more than another.
+    Whole shards go round-robin while every reader can get one. The remaining
+    len(shards) % n_readers shards are read by every reader, each keeping every n_readers-th
+    sample, so that no reader gets a whole shard more than another.
     """
     whole = len(shards) - len(shards) % n_readers
     return shards[reader:whole:n_readers], shards[whole:]
@@ -144,7 +144,7 @@ class RowStream:
     def _resampled(
         self, source: ResolvedSource, rng: random.Random, decoder: SampleDecoder, counter: SkipCounter
     ) -> Iterator[Document]:
-        # Passes of len(shards) draws with replacement; each reader draws with its own RNG, so
+        # Passes of len(shards) draws with replacement. Each reader draws with its own RNG, so
         # readers need no shard of their own and any shard count works.
         shards = source.shards
         while True:
@@ -186,8 +186,8 @@ class BatchStream(IterableDataset):
 
     DataLoader worker process p runs logical stream (p + rotation) % n_workers, and stream w skips
     its first `skip[w]` batches. A resumed run uses both to continue exactly where an uninterrupted
-    run would be: the DataLoader hands out batches round-robin over its worker processes, so
-    rotating the streams makes the first batch come from the stream after the last one trained.
+    run would be. The DataLoader hands out batches round-robin over its worker processes, so the
+    rotation makes the first batch come from the stream after the one of the last trained batch.
     """
 
     def __init__(

@@ -130,6 +130,19 @@ def place_image_features(x: Tensor, features: Tensor, batch: Batch) -> Tensor:
 AttentionKind = Literal["auto", "sdpa", "flex"]
 
 
+def touch_unused(x: Tensor, modules: list[nn.Module]) -> Tensor:
+    """Add zero times every parameter of `modules` to x, keeping them in the autograd graph.
+
+    NOTE: a batch without images leaves the image stem or encoder out of the graph. Under DDP
+    one rank would then skip those gradients while the others reduce them, and training hangs;
+    a zero gradient keeps every rank's reduction identical.
+    """
+    if not torch.is_grad_enabled():
+        return x
+    zero = sum(p.sum() for module in modules for p in module.parameters() if p.requires_grad)
+    return x + 0.0 * zero if isinstance(zero, Tensor) else x
+
+
 def attention_mask(batch: Batch, kind: AttentionKind = "auto") -> Tensor | BlockMask:
     """Build the packed attention mask for the chosen kernel.
 

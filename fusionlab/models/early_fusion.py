@@ -23,6 +23,7 @@ from fusionlab.models.base import (
     normalize_images,
     patchify,
     place_image_features,
+    touch_unused,
 )
 from fusionlab.models.decoder import Decoder
 from fusionlab.models.layers import SwiGLU, ffn_hidden_size, resolve_head_dim
@@ -96,6 +97,8 @@ class EarlyFusion(Backbone):
             pixels = normalize_images(batch.images, self.patch_embed.weight.dtype)
             features = self.patch_embed(patchify(pixels, self.patch_size))  # (n_images, P, D)
             x = place_image_features(x, features, batch)
+        else:
+            x = touch_unused(x, [self.patch_embed])
         return x
 
     def forward(self, batch: Batch) -> BackboneOutput:

@@ -24,6 +24,7 @@ from fusionlab.models.base import (
     layer_context,
     normalize_images,
     place_image_features,
+    touch_unused,
 )
 from fusionlab.models.decoder import Decoder
 from fusionlab.models.layers import ffn_hidden_size, resolve_head_dim
@@ -117,6 +118,8 @@ class LateFusion(Backbone):
         x = self.decoder.embed(batch.tokens)  # (B, T, D)
         if batch.images.numel():
             x = place_image_features(x, self.encode_images(batch.images), batch)
+        else:
+            x = touch_unused(x, [self.encoder, self.connector])
         return x
 
     def forward(self, batch: Batch) -> BackboneOutput:

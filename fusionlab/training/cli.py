@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fusionlab import plugins
 from fusionlab.data.datamodule import FusionDataModule
 from fusionlab.data.tokenizer import load_tokenizer
 from fusionlab.training.module import FusionModule
@@ -36,6 +37,8 @@ class FusionCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str], run: bool = True) -> FusionCLI:
     """Run LightningCLI on `argv`; with run=False, parse and instantiate without a subcommand."""
+    # Importing the plugins first lets recipes name their backbones by class name alone.
+    plugins.discover()
     return FusionCLI(
         FusionModule,
         FusionDataModule,

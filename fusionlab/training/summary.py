@@ -35,10 +35,11 @@ class RunSummary(L.Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # NOTE: trainer.log_dir is a collective call under DDP: every rank must reach it.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        summary = build_summary(trainer, pl_module)
+        summary = build_summary(trainer, pl_module, run_dir)
         summary["wall_clock_seconds"] = time.perf_counter() - self._start if self._start else None
         summary["peak_memory_bytes"] = peak_memory_bytes(pl_module.device)
         # Callbacks with a `summary_section()` add their part (MoE routing, for example).
@@ -51,13 +52,13 @@ class RunSummary(L.Callback):
         print(format_report(summary, run_dir, trainer), flush=True)
 
 
-def build_summary(trainer: L.Trainer, module: Any) -> dict[str, Any]:
+def build_summary(trainer: L.Trainer, module: Any, run_dir: Path) -> dict[str, Any]:
     counts = module.parameter_counts
     D = int(module.tokens_seen.item())
     D_v = int(module.image_tokens_seen.item())
     return {
         "architecture": type(module.backbone).__name__,
-        "run_name": Path(trainer.log_dir or trainer.default_root_dir).name,
+        "run_name": run_dir.name,
         "backbone": module.backbone.init_arguments(),
         "parameters": {"N": counts.N, "N_v": counts.N_v, "active": counts.active, "total": counts.total},
         "tokens": {"D": D, "D_v": D_v},
