@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE_DIR ?= data/sample
+SIMPLE_DIR ?= data/sample-simple
 
 .PHONY: install demo sample test clean
 
@@ -16,10 +17,15 @@ $(BIN)/fusionlab: pyproject.toml plugins/fusionlab-xattn/pyproject.toml
 
 install: $(BIN)/fusionlab
 
+# The rich scenes (3x3 grid, colours, sizes) for comparisons and scaling studies, and the simple
+# ones (2x2 grid, white digits) that the quickstart learns to read within minutes on a CPU.
 $(SAMPLE_DIR)/manifest.json: | install
 	$(BIN)/fusionlab data sample --out $(SAMPLE_DIR)
 
-sample: $(SAMPLE_DIR)/manifest.json
+$(SIMPLE_DIR)/manifest.json: | install
+	$(BIN)/fusionlab data sample --out $(SIMPLE_DIR) --variant simple
+
+sample: $(SAMPLE_DIR)/manifest.json $(SIMPLE_DIR)/manifest.json
 
 demo: sample
 	$(BIN)/fusionlab fit --config recipes/quickstart.yaml
@@ -29,4 +35,4 @@ test: install
 	$(BIN)/python -m pytest -q tests plugins/fusionlab-xattn/tests
 
 clean:
-	rm -rf runs data/sample
+	rm -rf runs $(SAMPLE_DIR) $(SIMPLE_DIR)

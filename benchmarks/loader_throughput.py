@@ -6,16 +6,16 @@ sample shards, 32x32 images in 4x4 patches, context 512, batch 8):
 - the training loader (FusionDataModule.train_dataloader) with each worker count: batches,
   samples (packed documents), tokens (non-padding positions) and images per second;
 - plain image decoding of the same shards' images (Pillow open + RGB conversion, one process),
-  the floor under what the loader can do per worker;
+  the cost of decoding alone, next to which the loader's per-image cost can be read;
 - the quickstart model's training speed in tokens/s on one loader batch repeated (no data
   loading), which the loader must exceed at least twice with 2 workers.
 
-    python benchmarks/loader_throughput.py [--data data/sample] [--batches 60] [--workers 0 1 2]
+    python benchmarks/loader_throughput.py [--data DIR] [--batches 60] [--workers 0 1 2]
         [--train-steps 12] [--json results.json]
 
-Without --data (or when the folder lacks the shards) a small sample set is written to a temporary
-folder first. Ratios printed: loader tokens/s over training tokens/s, and loader images/s over
-plain decoding images/s.
+Without --data the recipe's own shard folder is read, and when it lacks the shards a small sample
+set is written to a temporary folder first. Ratios printed: loader tokens/s over training
+tokens/s, and loader images/s over plain decoding images/s.
 """
 
 from __future__ import annotations
@@ -42,15 +42,19 @@ from fusionlab.training.module import FusionModule
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-RECIPE_DATA_DIR = "data/sample"
+
+
+def recipe_data_dir(recipe: dict) -> Path:
+    """Return the folder of the recipe's sample set, whose shard patterns read FOLDER/TYPE/PATTERN."""
+    return ROOT / Path(recipe["data"]["train"][0]["urls"]).parent.parent
 
 
 def recipe_datamodule(recipe: dict, data_dir: Path, num_workers: int) -> FusionDataModule:
-    """Build the recipe's DataModule, with its shard paths moved from data/sample to `data_dir`."""
+    """Build the recipe's DataModule, with its shard patterns moved to `data_dir`/TYPE/PATTERN."""
     config = dict(recipe["data"])
     for split in ("train", "val"):
         config[split] = [
-            Source(**{**source, "urls": source["urls"].replace(RECIPE_DATA_DIR, str(data_dir), 1)})
+            Source(**{**source, "urls": str(data_dir.joinpath(*Path(source["urls"]).parts[-2:]))})
             for source in config.get(split) or []
         ]
     config["num_workers"] = num_workers
@@ -136,7 +140,7 @@ def sample_dir(requested: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT / RECIPE_DATA_DIR, help="sample shards (data/sample)")
+    parser.add_argument("--data", type=Path, help="sample shards (default: the folder the recipe reads)")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="recipe whose data settings are used")
     parser.add_argument("--batches", type=int, default=60, help="batches timed per worker count (60)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts (0 1 2)")
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     recipe = yaml.safe_load(args.recipe.read_text())
-    data = sample_dir(args.data)
+    data = sample_dir(args.data or recipe_data_dir(recipe))
     results: dict = {"recipe": str(args.recipe), "data": str(data), "threads": torch.get_num_threads()}
     image_shards = expand_shards(str(data / "caption" / "train-*.tar")) + expand_shards(str(data / "interleaved" / "train-*.tar"))
     results["decode_images_per_s"] = decode_rate(image_shards, args.decode_images)

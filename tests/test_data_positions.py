@@ -63,9 +63,9 @@ def test_mismatched_checkpoint_restarts_epoch(uneven_sources, caplog):
 
 
 def test_zero_and_one_worker_read_the_same_stream(uneven_sources):
-    zero = one_pass(FusionDataModule(uneven_sources, num_workers=0, **GEOMETRY))
-    one = one_pass(FusionDataModule(uneven_sources, num_workers=1, **GEOMETRY))
-    assert [keys for _, keys in zero] == [keys for _, keys in one]
+    in_process = one_pass(FusionDataModule(uneven_sources, num_workers=0, **GEOMETRY))
+    one_worker = one_pass(FusionDataModule(uneven_sources, num_workers=1, **GEOMETRY))
+    assert [keys for _, keys in in_process] == [keys for _, keys in one_worker]
 
 
 @pytest.mark.parametrize(("n_shards", "n_readers"), [(1, 4), (3, 2), (4, 2), (5, 2), (7, 3)])

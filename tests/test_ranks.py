@@ -86,13 +86,13 @@ def run_ranks(tmp_path: Path, cases: list[dict]) -> list[list]:
 def split_runs(tmp_path_factory) -> tuple[list[list], list[list[str]]]:
     """One launch of both ranks for every case: (results[rank][case][epoch][step], expected keys per case)."""
     tmp_path = tmp_path_factory.mktemp("ranks")
-    one = caption_shard(tmp_path / "one.tar", [f"a{i}" for i in range(4)])
+    four = caption_shard(tmp_path / "four.tar", [f"a{i}" for i in range(4)])
     for s in range(3):
         caption_shard(tmp_path / f"three-{s}.tar", [f"b{s}x{i}" for i in range(4)])
     for s in range(2):
         text_shard(tmp_path / f"txt-{s}.tar", [f"t{s}x{i}" for i in range(7)])
     five = caption_shard(tmp_path / "five.tar", [f"f{i}" for i in range(5)])
-    one_shard = [{"urls": one, "type": "caption"}]
+    one_shard = [{"urls": four, "type": "caption"}]
     three_shards = [{"urls": str(tmp_path / "three-{0..2}.tar"), "type": "caption"}]
     mixed = three_shards + [{"urls": str(tmp_path / "txt-{0..1}.tar"), "type": "text"}]
     cases = [

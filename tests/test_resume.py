@@ -47,7 +47,7 @@ def child_main(config_path: str) -> None:
     dm = FusionDataModule(
         sources, image_size=8, patch_size=4, context=config.get("context", 48), batch_size=2,
         num_workers=config["num_workers"], seed=0, shuffle_buffer=config.get("shuffle_buffer", 4),
-        resample=config["resample"],
+        resample=config["resample"], batches_per_epoch=config.get("batches_per_epoch"),
     )
     backbone = EarlyFusion(vocab_size=dm.vocab_size, image_size=8, patch_size=4, d_model=16, n_layers=1,
                            n_heads=2, ffn_multiple_of=16)
@@ -56,8 +56,7 @@ def child_main(config_path: str) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=ranks,
-        # Text-only and padding batches leave the patch embedding unused on a rank.
-        strategy="ddp_find_unused_parameters_true" if ranks > 1 else "auto",
+        strategy="ddp" if ranks > 1 else "auto",
         max_steps=config.get("max_steps", MAX_STEPS),
         logger=False,
         enable_progress_bar=False,
@@ -201,21 +200,26 @@ def uninterrupted(tmp_path_factory, shards):
     """Uninterrupted reference runs, one per configuration, shared by the tests of this module."""
     folders = {}
 
-    def get(num_workers: int, resample: bool, ranks: int = 1) -> Path:
-        config = (num_workers, resample, ranks)
+    def get(num_workers: int, resample: bool, ranks: int = 1, batches_per_epoch: int | None = None) -> Path:
+        config = (num_workers, resample, ranks, batches_per_epoch)
         if config not in folders:
             tmp_path = tmp_path_factory.mktemp("whole")
             folders[config] = run(tmp_path, "whole", sources=shards["mixed"], num_workers=num_workers,
-                                  resample=resample, ranks=ranks)
+                                  resample=resample, ranks=ranks, batches_per_epoch=batches_per_epoch)
         return folders[config]
 
     return get
 
 
-@pytest.mark.parametrize(("num_workers", "resample", "ranks"), [(0, True, 1), (2, True, 1), (2, False, 1), (1, False, 2)])
-def test_killed_run_resumes_exactly(tmp_path, shards, uninterrupted, num_workers, resample, ranks):
-    common = dict(sources=shards["mixed"], num_workers=num_workers, resample=resample, ranks=ranks)
-    whole = uninterrupted(num_workers, resample, ranks)
+@pytest.mark.parametrize(
+    ("num_workers", "resample", "ranks", "batches_per_epoch"),
+    [(0, True, 1, 3), (2, True, 1, None), (2, False, 1, None), (1, False, 2, None)],
+)
+def test_killed_run_resumes_exactly(tmp_path, shards, uninterrupted, num_workers, resample, ranks, batches_per_epoch):
+    # With 3 batches per epoch, the checkpoint of step 4 and the kill at step 5 fall in epoch 1.
+    common = dict(sources=shards["mixed"], num_workers=num_workers, resample=resample, ranks=ranks,
+                  batches_per_epoch=batches_per_epoch)
+    whole = uninterrupted(num_workers, resample, ranks, batches_per_epoch)
     run(tmp_path, "cut-killed", kill_at=5, **common)  # the last checkpoint is the one of step 4
     resumed = run(tmp_path, "cut-resumed", resume=True, **common)
 
@@ -231,10 +235,12 @@ def test_killed_run_resumes_exactly(tmp_path, shards, uninterrupted, num_workers
     assert max_weight_difference(whole, resumed) <= 1e-6
 
     # Only rank 0 writes the checkpoint: it must hold the position of every rank, after step 4.
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=True)
+    (step_4,) = (tmp_path / "cut" / "checkpoints").glob("*step=4.ckpt")
+    checkpoint = torch.load(step_4, weights_only=True)
     positions = checkpoint["FusionDataModule"]["positions"]
     assert len(positions) == ranks
-    assert all(position["batches"] == 4 for position in positions)
+    epoch, batches = divmod(4, batches_per_epoch) if batches_per_epoch else (0, 4)
+    assert [(position["epoch"], position["batches"]) for position in positions] == [(epoch, batches)] * ranks
 
 
 class _PositionProbe(Callback):
@@ -286,15 +292,16 @@ def test_fixed_order_resume_sees_next_keys(tmp_path):
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, shards, uninterrupted):
-    common = dict(sources=shards["mixed"], num_workers=0, resample=True)
-    whole = uninterrupted(0, True)
+    common = dict(sources=shards["mixed"], num_workers=0, resample=True, batches_per_epoch=3)
+    whole = uninterrupted(0, True, 1, 3)
     # Checkpoint files are written at steps 2 (step=2 and last) and 4 (step=4, then last): the
     # 4th write is last.ckpt of step 4, so the previous last.ckpt (step 2) must survive the kill.
     run(tmp_path, "cut-killed", kill_during_save_at=4, **common)
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 2
-    assert torch.load(last.with_name("epoch=0-step=4.ckpt"), weights_only=True)["global_step"] == 4
+    (step_4,) = last.parent.glob("*step=4.ckpt")
+    assert torch.load(step_4, weights_only=True)["global_step"] == 4
     resumed = run(tmp_path, "cut-resumed", resume=True, **common)
     after = trained_keys(resumed)
     reference = trained_keys(whole)

@@ -266,6 +266,7 @@ SPEC_ERRORS = [
     ({"schedule": {"warmup": [{"warmup_steps": 22}], "branch_cooldowns": True}},
      "(branches share the warmup of the longest budget)"),
     ({"budget": {"steps": [3]}}, "unknown keys ['budget']"),
+    ({"slurm": {"gpus": 2}}, "unknown slurm options ['gpus']"),
     ({"architectures": {"early": {"recipe": "early.yaml", "widths": {32: {}}}}}, "missing 'lr'"),
     ({"architectures": {"early": {"recipe": "early.yaml", "widths": {32: {"lr": 1e-3}},
                                   "width_keys": {"model.backbone.init_args.d_model": 0.3}}}}, "is not an integer"),

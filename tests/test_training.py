@@ -164,3 +164,16 @@ def test_cross_entropy_matches_reference():
     logits = module.backbone(batch).logits
     expected = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     torch.testing.assert_close(token_loss.sum(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_validate_and_test_from_checkpoint(sample_dir, tmp_path):
+    config = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(sample_dir, tmp_path, trainer={"max_steps": 4}))
+    fit = run_lightning_cli(["fit", "--config", str(config)])
+    checkpoint = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    trained = fit.model.last_val_losses
+    for command in ("validate", "test"):
+        cli = run_lightning_cli([command, "--config", str(config), "--ckpt_path", str(checkpoint)])
+        losses = cli.model.last_val_losses
+        assert set(losses) >= {"caption", "interleaved", "text", "mean"}
+        # the same weights on the same validation set give the fit's final losses
+        assert losses["mean"] == pytest.approx(trained["mean"], rel=1e-5)

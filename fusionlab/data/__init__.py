@@ -11,12 +11,15 @@ import importlib
 _EXPORTS = {
     "datamodule": ("FusionDataModule", "Source", "expand_shards"),
     "errors": ("ShardReadError", "SkipCounter", "SkipSample", "StrictDataError"),
-    "formats": ("Document", "SampleDecoder", "decode_samples", "tar_samples"),
+    "formats": ("Document", "SampleDecoder", "decode_samples", "sample_texts", "tar_samples"),
+    "inspection": ("inspect_shards",),
     "loader": ("StreamPosition", "TrainLoader"),
     "images": ("decode_image", "image_to_tensor", "patchify", "to_rgb"),
     "packing": ("Packer", "Row", "collate_rows"),
+    "stats": ("data_metrics",),
     "streams": ("BatchStream", "RowStream"),
-    "tokenizer": ("ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer"),
+    "tokenizer": ("ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "train_bpe"),
+    "writers": ("build_captions", "build_interleaved"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -47,7 +47,7 @@ def _add_inspect_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from fusionlab.data.datamodule import expand_shards
-    from fusionlab.data.inspect import format_report, inspect_shards, report_json
+    from fusionlab.data.inspection import format_report, inspect_shards, report_json
     from fusionlab.data.tokenizer import load_tokenizer
 
     if (args.image_size is None) != (args.patch_size is None):

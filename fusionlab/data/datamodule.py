@@ -238,6 +238,10 @@ class FusionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation sources, read once: `fusionlab test` reports the same per-type losses."""
+        return self.val_dataloader()
+
     # ----------------------------------------------------------------------------------------
     # resume: the position of the batch being trained, gathered from every rank into checkpoints
 
@@ -253,6 +257,8 @@ class FusionDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # Lightning calls this on every rank while it builds a checkpoint, then writes only rank
         # 0's checkpoint: the positions of all ranks are gathered into it here.
+        # NOTE: the gather is a collective, so every rank must save together, as ModelCheckpoint
+        # and Trainer.save_checkpoint do; a checkpoint saved by one rank alone would wait forever.
         position = self._trained_position.as_dict() if self._trained_position is not None else None
         _, world_size = self._rank_and_world_size()
         return {

@@ -223,7 +223,11 @@ class BatchStream(IterableDataset):
             if len(chunk) < s.batch_size and s.drop_last:
                 return
             if index < skip:
-                continue  # already trained before the checkpoint that this run resumed from
+                # Trained before the checkpoint this run resumed from. Their samples were still read
+                # and decoded, because whether a sample is usable is known only once decoded.
+                # TODO(resume): resuming costs data loading up to one epoch (the whole run when
+                # resampling without batches_per_epoch); store per-source reader state to seek instead.
+                continue
             batch = collate_rows(chunk)
             if self.tag_positions:
                 batch.stats[STREAM_KEY] = stream

@@ -340,6 +340,7 @@ def _run_state(sweep_dir, run, job, squeue, now, heartbeat_s) -> RunState:
     if stopped and stopped.get("time", 0) >= (started or {}).get("time", 0):
         state.state = stopped.get("reason", "failed")
         state.detail = stopped.get("error", "")
+        state.step = stopped.get("step", state.step)  # newer than the last heartbeat
         state.log = stopped.get("log") or state.log
         if state.state == "requeued" and squeue is not None:
             state.state = "interrupted"

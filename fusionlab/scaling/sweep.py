@@ -188,6 +188,9 @@ def parse_spec(raw: Mapping[str, Any], path: Path) -> StudySpec:
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise SpecError(f"{path}: 'slurm' must be a mapping of launcher options, got {slurm!r}")
+    from fusionlab.scaling.launch import SlurmOptions  # launch imports this module
+
+    SlurmOptions.from_mapping(slurm)  # rejects unknown or invalid options now, not at submission
 
     return StudySpec(
         name=name,

@@ -1,4 +1,4 @@
-"""`fusionlab data inspect`: what a set of shards holds, and every sample that training would skip.
+"""`fusionlab data inspect`: what a set of shards contains, and every sample that training would skip.
 
 The shards go through the same readers and decoders as training (formats.py), so a sample listed
 here as skipped is exactly one that a training run would skip and count, for the same reason.
