@@ -1,8 +1,8 @@
 """The `fusionlab` command.
 
 Training subcommands (fit, validate, test) go through LightningCLI, so recipes are YAML over the
-typed signatures of FusionModule, FusionDataModule and the Trainer. Tool subcommands (data, scaling)
-are plain argparse commands.
+typed signatures of FusionModule, FusionDataModule and the Trainer. Tool subcommands (data, scaling,
+sweep, plugins and the others in TOOL_MODULES) are plain argparse commands.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ training (LightningCLI; `fusionlab fit --help` lists every option):
   test        run the test loop of a checkpoint
 
 tools:
-  data        write the bundled sample shards (data sample)
+  data        shards: write the sample set (data sample), report on shards (data inspect),
+              write shards from your files (data build), train a BPE tokenizer (data tokenizer)
   scaling     fit scaling laws and predict compute-optimal sizes (scaling fit, scaling predict)
   plugins     list installed architectures (built-in and plugins) and any that failed to load
   sweep       plan a scaling-law study, run it locally or on SLURM, watch it (sweep plan|run|status)

@@ -258,7 +258,7 @@ class FusionDataModule(L.LightningDataModule):
         # Lightning calls this on every rank while it builds a checkpoint, then writes only rank
         # 0's checkpoint: the positions of all ranks are gathered into it here.
         # NOTE: the gather is a collective, so every rank must save together, as ModelCheckpoint
-        # and Trainer.save_checkpoint do; a checkpoint saved by one rank alone would wait forever.
+        # and Trainer.save_checkpoint do. A checkpoint saved by one rank alone would wait forever.
         position = self._trained_position.as_dict() if self._trained_position is not None else None
         _, world_size = self._rank_and_world_size()
         return {

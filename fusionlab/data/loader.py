@@ -2,10 +2,10 @@
 
 Position of a batch. Every training batch carries, in `Batch.stats` under "position/...", the
 position of the rank's stream once that batch is trained: the epoch, the batches trained in the
-epoch, the batches taken from each worker's stream, and the stream of the batch. The DataModule records the
-position of the batch that reaches the training step (not of the batch that Lightning's fetcher has
-already pulled ahead) and stores it in checkpoints; a resumed run rebuilds the epoch's streams and
-skips exactly the trained batches.
+epoch, the batches taken from each worker's stream, and the stream of the batch. The DataModule
+records the position of the batch that reaches the training step, not of the batch that
+Lightning's fetcher has already pulled ahead, and stores it in checkpoints. A resumed run rebuilds
+the epoch's streams and skips exactly the trained batches.
 
 Equal steps on every rank. Streams that are read once per epoch (no resampling) give ranks
 different numbers of batches. Each rank then asks all ranks at every batch whether any of them
