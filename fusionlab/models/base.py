@@ -22,9 +22,9 @@ from fusionlab.models.layers import LayerContext, packed_attention_mask, packed_
 class ParameterCounts(NamedTuple):
     """Parameter counts for compute accounting.
 
-    N: active parameters that process every token (decoder with both embedding matrices, as the
-    paper counts them, plus image stem or connector). N_v: vision encoder parameters, which process
-    image tokens only. active = N + N_v. total also counts experts a token does not use.
+    N: active parameters that process every token (decoder with both embedding matrices, as
+    Shukor et al. 2025 count them, plus image stem or connector). N_v: vision encoder parameters,
+    which process image tokens only. active = N + N_v. total also counts experts a token does not use.
     """
 
     N: int

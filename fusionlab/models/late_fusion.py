@@ -40,13 +40,13 @@ class LateFusion(Backbone):
         d_model, n_layers, n_heads, head_dim, d_ff, ffn_multiple_of, rope_theta: the decoder, as
             in EarlyFusion.
         encoder: timm model name of a vision transformer, built with random weights.
-        encoder_width: encoder embedding width (the paper uses half the decoder width).
+        encoder_width: encoder embedding width (Shukor et al. 2025 use half the decoder width).
         encoder_layers: encoder depth.
         encoder_heads: encoder attention heads (must divide encoder_width).
         encoder_mlp_ratio: encoder MLP hidden size over width.
         connector: "linear" (one projection) or "mlp" (Linear-GELU-Linear).
         encoder_lr_multiplier: the encoder's learning rate is the peak rate times this (0.01 was
-            best in the paper).
+            best in Shukor et al. 2025).
         freeze_encoder: keep the encoder's weights fixed.
         encoder_weights: optional path of a local encoder checkpoint to start from.
         activation_checkpointing: recompute each decoder layer in the backward pass.
