@@ -12,8 +12,9 @@ from conftest import tiny_recipe, write_recipe
 from fusionlab.training.cli import run_lightning_cli
 
 STEPS = 150
-# Measured on this recipe (2 CPU cores): the shuffled-image caption loss ends about
-# 35 % above the true-image one; half of that margin is required.
+# The quickstart recipe (600 steps) ends with the shuffled-image caption loss 96 % above the
+# true-image one. This shorter, caption-only run must show at least 15 %, which it has passed on
+# every run so far; the test message prints both losses when it fails.
 MIN_RELATIVE_GAP = 0.15
 
 
