@@ -25,20 +25,21 @@ IMAGE_SIZE, PATCH_SIZE, CONTEXT, BATCH = 32, 4, 512, 8
 DECODER = {"d_model": 128, "n_layers": 4, "n_heads": 4, "ffn_multiple_of": 64}
 MODELS = {
     "early": ("EarlyFusion", DECODER),
-    "late": ("LateFusion", {"d_model": 120, "n_layers": 4, "n_heads": 4, "ffn_multiple_of": 64,
+    "late": ("LateFusion", {"d_model": 124, "n_layers": 4, "n_heads": 2, "ffn_multiple_of": 64,
                             "encoder_width": 64, "encoder_layers": 4, "encoder_heads": 4}),
     "moe 8x top-1": ("EarlyFusion", {**DECODER, "moe": {"n_experts": 8, "top_k": 1}}),
     "moe modality": ("EarlyFusion", {**DECODER, "moe": {"n_experts": 2, "routing": "modality"}}),
 }
 
 
-def measure(name: str, steps: int, precision: str, queue: mp.Queue) -> None:
+def measure(name: str, steps: int, precision: str, checkpointing: bool, queue: mp.Queue) -> None:
     import fusionlab.models as models
     from fusionlab.batch import IGNORE_INDEX
 
     torch.manual_seed(0)
     class_name, kwargs = MODELS[name]
-    model = getattr(models, class_name)(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, **kwargs)
+    model = getattr(models, class_name)(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                                        activation_checkpointing=checkpointing, **kwargs)
     batch = packed_batch(BATCH, CONTEXT, model.tokens_per_image, IMAGE_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n_targets = (batch.targets != IGNORE_INDEX).sum()
@@ -62,6 +63,7 @@ def measure(name: str, steps: int, precision: str, queue: mp.Queue) -> None:
         "name": name,
         "seconds": sorted(times[2:])[len(times[2:]) // 2],  # median after two warm-up steps
         "peak_mib": (peak - baseline) / 1024,
+        "tokens": tokens,
         "active": counts.active,
         "total": counts.total,
         "flops": model.flops_per_step(tokens, image_tokens),
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the fastest is kept (default 2)")
+    parser.add_argument("--checkpointing", action="store_true", help="recompute each decoder layer in backward")
     args = parser.parse_args()
 
     # Models run in interleaved rounds (A B C D A B C D) and keep their fastest round, so a burst
@@ -83,7 +86,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in args.models:
             queue = context.Queue()
-            process = context.Process(target=measure, args=(name, args.steps, args.precision, queue))
+            process = context.Process(target=measure, args=(name, args.steps, args.precision, args.checkpointing, queue))
             process.start()
             result = queue.get(timeout=1800)
             process.join()
@@ -94,10 +97,13 @@ def main() -> None:
     base = next((r for r in results if r["name"] == "early"), results[0])
     print(f"{args.precision}, batch {BATCH} x {CONTEXT}, {args.steps} steps each (median step after 2 warm-up), "
           f"best of {args.rounds} interleaved rounds")
-    print(f"{'model':<14} {'active':>8} {'total':>8} {'FLOPs/step':>11} {'s/step':>8} {'vs early':>9} {'peak MiB':>9}")
+    print(f"activation checkpointing: {'on' if args.checkpointing else 'off'}")
+    print(f"{'model':<14} {'active':>8} {'total':>8} {'FLOPs/step':>11} {'s/step':>8} {'vs early':>9} "
+          f"{'peak MiB':>9} {'KiB/token':>10}")
     for r in results:
         print(f"{r['name']:<14} {r['active'] / 1e6:>7.2f}M {r['total'] / 1e6:>7.2f}M {r['flops']:>11.3g} "
-              f"{r['seconds']:>8.3f} {r['seconds'] / base['seconds']:>9.2f} {r['peak_mib']:>9.0f}")
+              f"{r['seconds']:>8.3f} {r['seconds'] / base['seconds']:>9.2f} {r['peak_mib']:>9.0f} "
+              f"{r['peak_mib'] * 1024 / r['tokens']:>10.1f}")
 
 
 if __name__ == "__main__":
