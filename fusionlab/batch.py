@@ -1,6 +1,6 @@
 """The packed batch that every backbone reads.
 
-A batch holds B rows of T positions. Documents are packed into rows; an image
+A batch contains B rows of T positions. Documents are packed into rows; an image
 occupies `tokens_per_image` consecutive positions (one per patch) and is never
 split across rows. Per-position tensors:
 

@@ -26,7 +26,8 @@ def test_compare_early_and_late(sample_dir, tmp_path, capsys):
     code = main(["compare", str(early), str(late), "--out", str(tmp_path / "runs"), "--json", str(table)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "EarlyFusion" in printed and "LateFusion" in printed
+    assert "EarlyFusion" in printed
+    assert "LateFusion" in printed
 
     results = json.loads(table.read_text())
     assert results["early"]["parameters"]["N_v"] == 0

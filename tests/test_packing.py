@@ -141,7 +141,8 @@ def test_first_fit_fills_earlier_rows():
     rows += packer.flush()
     assert rows[0].tokens[1] == ord("b")
     assert rows[0].stats["padding"] == 0
-    assert rows[1].tokens[1] == ord("a") and rows[1].document.max() == 1  # "c" joined the "a" row
+    assert rows[1].tokens[1] == ord("a")
+    assert rows[1].document.max() == 1  # "c" joined the "a" row
 
 
 def test_packing_is_deterministic():

@@ -88,7 +88,7 @@ def packed_attention_mask(document: Tensor, image_index: Tensor) -> Tensor:
 
 
 def packed_block_mask(document: Tensor, image_index: Tensor) -> BlockMask:
-    """The same mask as `packed_attention_mask`, as a FlexAttention block mask.
+    """Build the mask of `packed_attention_mask` as a FlexAttention block mask.
 
     Fully masked blocks are skipped by the kernel and no (T, T) tensor is kept for the backward
     pass, which is what makes long packed contexts affordable on GPUs.

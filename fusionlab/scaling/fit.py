@@ -152,7 +152,7 @@ def validate_runs(N, D, L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class _Objective:
     """Batched Huber objective and gradient in centred coordinates.
 
-    A row u = (log_E, a_c, b_c, alpha, beta) of the internal coordinates holds a_c = log_A - alpha x0
+    A row u = (log_E, a_c, b_c, alpha, beta) of the internal coordinates contains a_c = log_A - alpha x0
     and b_c = log_B - beta y0, where x0 and y0 are the means of log N and log D.
     """
 
@@ -364,7 +364,7 @@ def fit_scaling_law(
 ) -> ScalingLawFit:
     """Fit L = E + A / N^alpha + B / D^beta by the multi-start search described in the module docstring.
 
-    `starts` holds rows (log_E, log_A, log_B, alpha, beta), `make_grid()` by default. With
+    `starts` contains rows (log_E, log_A, log_B, alpha, beta), `make_grid()` by default. With
     reduction="mean" the objective is averaged over runs instead of summed, which rescales it
     but leaves the optimum where it is.
     """

@@ -549,7 +549,7 @@ def pick_fit(report: dict, loss_type: str | None, source: str = "fit.json") -> t
         loss_type = DEFAULT_TYPE if DEFAULT_TYPE in fits or len(fits) != 1 else next(iter(fits))
     if loss_type not in fits:
         raise InputError(
-            f"{source}: no fit for type {loss_type!r}; it holds {sorted(fits)}, so pick one with --type"
+            f"{source}: no fit for type {loss_type!r}; it contains {sorted(fits)}: pick one with --type"
         )
     return loss_type, fits[loss_type]
 
@@ -558,7 +558,7 @@ def predict_at(fit: dict, C: float, confidence: float = 0.95) -> dict:
     """Return compute-optimal N*, D*, D*/N* and loss at compute C, each as (value, low, high).
 
     The interval spans the central `confidence` of the bootstrap fits' own optima at C; it is
-    (value, None, None) when the fit holds no bootstrap samples.
+    (value, None, None) when the fit contains no bootstrap samples.
     """
     params = ScalingLawParams(**fit["params"])
     N_star, D_star = params.compute_optimal(C)

@@ -41,7 +41,7 @@ class FusionModule(L.LightningModule):
         grad_clip: maximum global gradient norm (0 disables clipping).
         micro_batches: split each loaded batch into this many micro-batches (gradient accumulation).
         max_nonfinite_steps: a step whose loss or gradient norm is not finite is skipped (no
-            update) and counted; this many consecutive skips stop training with an error.
+            update) and counted. This many consecutive skips stop training with an error.
         fused_adamw: use the fused AdamW kernel (one kernel for all parameters; CPU and CUDA in
             torch 2.14).
         compile: compile the backbone with torch.compile (the first steps pay the compilation).
