@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-DATA_TYPES = ("caption", "interleaved", "text")
+DATA_TYPES = ("caption", "interleaved", "text", "qa")
 TENSOR_FIELDS = ("tokens", "images", "image_index", "patch_index", "document", "positions", "targets", "source")
 
 

@@ -17,9 +17,25 @@ def sample_dir(tmp_path_factory) -> Path:
     write_sample_set(
         out, seed=0, variant="simple", image_size=32,
         n_train_scenes=1200, n_val_scenes=96, n_train_docs=120, n_val_docs=24,
-        n_train_texts=60, n_val_texts=12,
+        n_train_texts=60, n_val_texts=12, n_train_questions=400, n_val_questions=48,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def bpe_file(tmp_path_factory) -> Path:
+    """A small byte-level BPE file with fusionlab's special tokens, standing in for a 50k-token one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fusionlab.data.tokenizer import SPECIAL_TOKENS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.add_tokens([chr(c) for c in range(33, 127)])
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    path = tmp_path_factory.mktemp("tokenizer") / "bpe.json"
+    tokenizer.save(str(path))
+    return path
 
 
 def tiny_recipe(sample_dir: Path, run_dir: Path, **overrides) -> dict:

@@ -339,3 +339,48 @@ def test_handler_rejects_other_errors():
 def test_decoder_rejects_unknown_type():
     with pytest.raises(ValueError, match="video"):
         SampleDecoder("video", SIZE, BUDGET)
+
+
+# ---------------------------------------------------------------------------------------------
+# question answering (LLaVA conversations)
+
+
+def conversation_json(*turns) -> str:
+    return json.dumps({"id": "x", "conversations": [{"from": role, "value": value} for role, value in turns]})
+
+
+def test_qa_reads_llava_conversation(tmp_path):
+    members = [
+        ("k.jpg", jpeg()),
+        ("k.json", conversation_json(("human", "What is shown?\n<image>"), ("gpt", " A red square. "),
+                                     ("user", "Is it round?"), ("assistant", "No"))),
+    ]
+    (doc,) = read([write_tar(tmp_path / "q.tar", members)], "qa")
+    from fusionlab.data.formats import Answer
+
+    assert isinstance(doc.segments[0], torch.Tensor)  # the image goes first, wherever <image> stands
+    assert doc.segments[1:] == [
+        " Question: What is shown? Answer:", Answer(" A red square."), " Question: Is it round? Answer:", Answer(" No"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("members", "reason"),
+    [
+        ([("k.json", conversation_json(("human", "q"), ("gpt", "a")))], "missing_image"),
+        ([("k.png", png())], "missing_json"),
+        ([("k.png", png()), ("k.json", json.dumps({"conversations": []}))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json(("gpt", "a"), ("human", "q")))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json(("human", "q")))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json(("human", "q"), ("robot", "a")))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json(("human", "<image> q <image>"), ("gpt", "a")))], "multiple_images"),
+        ([("k.png", png()), ("k.json", conversation_json(("human", "<image>"), ("gpt", "a")))], "empty_text"),
+        ([("k.png", png()), ("k.json", conversation_json(("human", "q"), ("gpt", "  ")))], "empty_text"),
+    ],
+)
+def test_bad_qa_sample_skipped_with_reason(tmp_path, members, reason):
+    good = [("z.png", png()), ("z.json", conversation_json(("human", "<image>\nq"), ("gpt", "a")))]
+    counter = SkipCounter()
+    docs = read([write_tar(tmp_path / "q.tar", members + good)], "qa", counter)
+    assert [doc.key for doc in docs] == ["z"]
+    assert counter.totals == {reason: 1}

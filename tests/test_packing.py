@@ -193,3 +193,23 @@ def test_collate_without_images():
     batch = collate_rows(packer.add(doc("abc", data_type="text")) + packer.flush())
     assert batch.images.shape == (0, 3, SIZE, SIZE)
     assert (batch.image_index == -1).all()
+
+
+def test_question_answering_targets_answers_only():
+    from fusionlab.data.formats import Answer
+
+    document = doc(image(), " Q: a?", Answer(" yes"), " Q: b?", Answer(" 2"), data_type="qa")
+    (row,) = Packer(64, tokens_per_image=4, tokenizer=TOK).pack([document])
+    check_row_invariants(row, 4)
+    targeted = row.targets[row.targets != IGNORE_INDEX].tolist()
+    assert targeted == [*b" yes", *b" 2", TOK.eos_id]
+    # each answer is predicted from the position before it, the end of the question
+    first = (row.targets != IGNORE_INDEX).nonzero().flatten()[0]
+    assert row.tokens[first] == ord("?")
+    assert row.source[0] == DATA_TYPES.index("qa")
+
+
+def test_documents_without_answers_keep_every_target():
+    plain = doc(" a b", data_type="text")
+    (row,) = Packer(16, tokens_per_image=4, tokenizer=TOK).pack([plain])
+    assert row.targets[row.targets != IGNORE_INDEX].tolist() == [*b" a b", TOK.eos_id]

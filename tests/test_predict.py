@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from fusionlab.cli import main
@@ -93,43 +94,77 @@ def test_predict_missing_folder_raises(checkpoint, tmp_path):
         main(["predict", str(checkpoint), "--images", str(tmp_path / "missing")])
 
 
+REPO = Path(__file__).parent.parent
+
+
+def sft_recipe(sample_dir: Path, path: Path, steps: int = 3) -> Path:
+    """The repository's fine-tuning recipe, pointed at the session's sample set and shrunk."""
+    recipe = yaml.safe_load((REPO / "recipes/sft_qa.yaml").read_text())
+    recipe["trainer"].update(max_steps=steps, val_check_interval=steps, accelerator="cpu", enable_progress_bar=False)
+    (callback,) = recipe["trainer"]["callbacks"]
+    callback["init_args"].update(shards=str(sample_dir / "caption/val-*.tar"), limit=3, max_new_tokens=6, batch_size=4)
+    recipe["data"].update(
+        train=[{"urls": str(sample_dir / "qa/train-*.tar"), "type": "qa"}],
+        val=[{"urls": str(sample_dir / "qa/val-*.tar"), "type": "qa"}],
+        context=128, batch_size=4, num_workers=0,
+    )
+    recipe["model"]["warmup_steps"] = 1
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def test_downstream_table(checkpoint, sample_dir, tmp_path, capsys):
+    recipe = sft_recipe(sample_dir, tmp_path / "sft.yaml")
+    out = tmp_path / "down"
     argv = ["downstream", "--checkpoint", f"early={checkpoint}", "--checkpoint", f"again={checkpoint}",
-            "--train-shards", str(sample_dir / "caption/train-*.tar"),
-            "--eval-shards", str(sample_dir / "caption/val-*.tar"), "--out", str(tmp_path / "down"),
-            "--config", str(Path(__file__).parent.parent / "configs/sft_qa.yaml"),
-            "--steps", "3", "--train-limit", "8", "--eval-limit", "3", "--max-new-tokens", "6", "--batch-size", "4"]
+            "--recipe", str(recipe), "--out", str(out), "--set", "trainer.precision=32-true"]
     assert main(argv) == 0
 
-    report = json.loads((tmp_path / "down" / "downstream.json").read_text())
-    assert report["options"]["steps"] == 3
-    assert report["options"]["lr"] == 1.0e-3
+    report = json.loads((out / "downstream.json").read_text())
+    assert report["scoring"]["limit"] == 3
     rows = report["models"]
     assert [row["name"] for row in rows] == ["early", "again"]
     for row in rows:
-        assert {"cider", "digit_accuracy", "qa_accuracy", "qa_accuracy/cell", "val_loss"} <= set(row)
-        assert len(row["sft_loss"]) == 2
+        # pretrained caption scores, zero-shot answers, then the fine-tuned run's summary
+        assert {"cider", "digit_accuracy", "qa_accuracy", "val_loss", "sft_val_loss", "sft_qa_accuracy",
+                "sft_qa_accuracy/cell"} <= set(row)
     table = capsys.readouterr().out
     assert "QA avg" in table
     assert "early" in table
-    assert list((tmp_path / "down" / "early").glob("events.out.tfevents.*"))
+    summary = json.loads(next((out / "early").glob("version_*/summary.json")).read_text())
+    assert summary["tokens"]["D"] > 0
+    assert set(summary["val_loss"]) == {"qa", "mean", "qa_shuffled_images"}
+    assert list((out / "early").glob("version_*/events.out.tfevents.*"))
 
 
-def test_qa_batch_targets_answers_only():
+def test_downstream_rejects_recipe_without_scoring(checkpoint, tmp_path):
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text(yaml.safe_dump({"trainer": {"max_steps": 2}}))
+    with pytest.raises(SystemExit, match="no DownstreamEvaluation callback"):
+        main(["downstream", "--checkpoint", f"a={checkpoint}", "--recipe", str(recipe), "--out", str(tmp_path)])
+
+
+def test_init_from_loads_pretrained_weights(checkpoint):
     import torch
 
-    from fusionlab.data.tokenizer import ByteTokenizer
-    from fusionlab.evaluation.finetune import qa_batch
-    from fusionlab.evaluation.scene_tasks import Question
+    from fusionlab.models import EarlyFusion
+    from fusionlab.training.module import FusionModule
+    from fusionlab.training.routing import read_backbone_checkpoint
 
-    tokenizer = ByteTokenizer()
-    questions = [Question("k", "count", "How many?", "2"), Question("k", "presence", "Is there a 7?", "no")]
-    batch = qa_batch(questions, {"k": torch.zeros(3, 16, 16, dtype=torch.uint8)}, tokenizer, tokens_per_image=4)
+    spec, state = read_backbone_checkpoint(checkpoint)
+    module = FusionModule(EarlyFusion(**spec["init_args"]), init_from=str(checkpoint))
+    assert not torch.equal(module.backbone.state_dict()["patch_embed.weight"], state["patch_embed.weight"])
+    module.setup("fit")
+    for key, value in module.backbone.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
-    for b, answer in enumerate([" 2", " no"]):
-        targeted = batch.targets[b][batch.targets[b] >= 0].tolist()
-        assert targeted == [*answer.encode(), tokenizer.eos_id]
-        set_at = (batch.targets[b] >= 0).nonzero().flatten()
-        assert batch.tokens[b, set_at + 1].tolist() == targeted
-    assert batch.image_index[1].tolist()[2:6] == [1, 1, 1, 1]
-    assert batch.images.shape[0] == 2
+
+def test_init_from_rejects_other_shapes(checkpoint):
+    from fusionlab.models import EarlyFusion
+    from fusionlab.training.module import FusionModule
+    from fusionlab.training.routing import read_backbone_checkpoint
+
+    spec, _ = read_backbone_checkpoint(checkpoint)
+    module = FusionModule(EarlyFusion(**{**spec["init_args"], "d_model": 16}), init_from=str(checkpoint))
+    with pytest.raises(ValueError, match="does not match the checkpoint's shapes"):
+        module.setup("fit")

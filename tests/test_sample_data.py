@@ -54,6 +54,8 @@ TINY = dict(
     n_val_docs=4,
     n_train_texts=None,
     n_val_texts=N_VAL_TEXTS,
+    n_train_questions=12,
+    n_val_questions=6,
 )
 
 
@@ -85,9 +87,10 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def scene_images(out: Path, manifest: dict, split: str):
-    """Yield (scene dict, png bytes) for every image of a split, captions and documents alike."""
-    for sample in read(out, manifest, split, "caption"):
-        yield json.loads(sample["json"])["scene"], sample["png"]
+    """Yield (scene dict, png bytes) for every image of a split: captions, questions and documents."""
+    for data_type in ("caption", "qa"):
+        for sample in read(out, manifest, split, data_type):
+            yield json.loads(sample["json"])["scene"], sample["png"]
     for sample in read(out, manifest, split, "interleaved"):
         doc = json.loads(sample["json"])
         for name, meta in zip(doc["images"], doc["metadata"]):
@@ -138,6 +141,8 @@ def test_shards_read_back_with_webdataset(rich_set):
                 members = {k for k in sample if not k.startswith("__")}
                 if data_type == "caption":
                     assert members == {"png", "txt", "json"}
+                elif data_type == "qa":
+                    assert members == {"png", "json"}
                 elif data_type == "text":
                     assert members == {"txt"}
                 else:
@@ -526,7 +531,7 @@ def test_add_sample_parser_dispatches(tmp_path):
     parser = argparse.ArgumentParser(prog="fusionlab data")
     add_sample_parser(parser.add_subparsers(dest="command"))
     counts = ["--train-scenes", "0", "--train-docs", "0", "--val-scenes", "0", "--val-docs", "0"]
-    counts += ["--train-texts", "0", "--val-texts", "3"]
+    counts += ["--train-texts", "0", "--val-texts", "3", "--train-questions", "0", "--val-questions", "0"]
     args = parser.parse_args(["sample", "--out", str(tmp_path), *counts])
     assert args.func is run_sample
     assert args.func(args) == 0
@@ -535,3 +540,30 @@ def test_add_sample_parser_dispatches(tmp_path):
         "pattern": None, "shards": [], "samples_per_shard": [], "n_samples": 0
     }
     assert manifest["splits"]["val"]["text"]["n_samples"] == 3
+
+
+def test_question_samples_answer_from_their_scene(simple_set):
+    from fusionlab.data.formats import conversation_pairs
+    from fusionlab.data.questions import QUESTION_KINDS, scene_digits
+
+    out, manifest = simple_set
+    kinds = []
+    for split in SPLITS:
+        samples = read(out, manifest, split, "qa")
+        assert len(samples) == manifest["splits"][split]["qa"]["n_samples"] > 0
+        for sample in samples:
+            meta = json.loads(sample["json"])
+            ((question, answer),) = conversation_pairs(meta)
+            assert meta["conversations"][0]["value"].startswith("<image>\n")
+            pairs = scene_digits(meta["scene"])
+            digits = {digit for digit, _ in pairs}
+            if meta["kind"] == "count":
+                assert answer == str(len(pairs))
+            elif meta["kind"] == "presence":
+                digit = int(re.search(r"Is there a (\d)\?", question)[1])
+                assert answer == ("yes" if digit in digits else "no")
+            else:
+                cell = re.search(r"Which digit is in the (.+)\?", question)[1]
+                assert answer == next((str(d) for d, c in pairs if c == cell), "none")
+            kinds.append(meta["kind"])
+    assert set(kinds) == set(QUESTION_KINDS)

@@ -318,3 +318,35 @@ def test_goodness_of_fit_of_exact_law():
     assert quality["mae"] < 1e-12
     shifted = fitting.goodness_of_fit(CHINCHILLA, N, D, L * 1.01)
     assert shifted["mape_percent"] == pytest.approx(100 * 0.01 / 1.01, rel=1e-9)
+
+
+def test_diagnose_flags_missing_floor_and_wide_exponent():
+    from fusionlab.scaling.report import diagnose
+
+    L = np.array([2.0, 1.5, 1.1])
+    fit = {"params": {"E": 1e-40, "alpha": 2.5, "beta": 0.57},
+           "intervals": {"alpha": [0.7, 45.0], "beta": [0.50, 0.63]}}
+    messages = diagnose(fit, L)
+    assert len(messages) == 2
+    assert messages[0].startswith("E is fitted to 1e-40")
+    assert "alpha = 2.5 is poorly constrained" in messages[1]
+
+
+def test_diagnose_quiet_on_determined_fit():
+    from fusionlab.scaling.report import diagnose
+
+    fit = {"params": CHINCHILLA._asdict(), "intervals": {"alpha": [0.30, 0.38], "beta": [0.26, 0.30]}}
+    assert diagnose(fit, np.array([2.0, 2.5])) == []
+
+
+def test_predict_at_leaves_out_overflowed_resamples():
+    from fusionlab.scaling.report import predict_at
+
+    rows = [list(CHINCHILLA), list(CHINCHILLA._replace(alpha=0.35)), [1.69, math.inf, 410.7, 40.0, 0.28]]
+    fit = {"params": CHINCHILLA._asdict(), "bootstrap": {"samples": rows}}
+    result = predict_at(fit, 1e21)
+    assert result["dropped_resamples"] == 1
+    for key in ("N_star", "D_star", "D_per_N", "loss"):
+        value, low, high = result[key]
+        assert math.isfinite(low)
+        assert math.isfinite(high)

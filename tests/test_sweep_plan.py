@@ -65,22 +65,6 @@ def plan(tmp_path: Path, **changes) -> sweep.Plan:
     return sweep.plan_study(spec, tmp_path / "sweep", workdir=tmp_path)
 
 
-@pytest.fixture(scope="module")
-def bpe_file(tmp_path_factory) -> Path:
-    """A small byte-level BPE file in place of the 50k-token tokenizer file that the paper recipes name."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from fusionlab.data.tokenizer import SPECIAL_TOKENS
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.add_tokens([chr(c) for c in range(33, 127)])
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
-    path = tmp_path_factory.mktemp("tokenizer") / "bpe.json"
-    tokenizer.save(str(path))
-    return path
-
-
 # ------------------------------------------------------------------------------------ planning
 
 

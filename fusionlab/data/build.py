@@ -1,13 +1,16 @@
 """Write the bundled sample set: WebDataset shards built offline from real material in installed packages.
 
-`fusionlab data sample --out DIR` writes three data types, each with a train and a val split:
+`fusionlab data sample --out DIR` writes four data types, each with a train and a val split:
 
 - caption/{split}-NNNNNN.tar: digit scenes in the img2dataset layout (`{key}.png`, `{key}.txt`,
   `{key}.json`), with 9-digit keys `shard_id * 10**k + index` that skip a few indices, as
   img2dataset does for failed downloads;
 - interleaved/{split}-NNNNNN.tar: documents of 2-4 related scenes in the OBELICS schema with the images
   inside the tar (`{key}.json` = {"texts": [...], "images": [...]}, images stored as `{key}.img0.png`, ...);
-- text/{split}-NNNNNN.tar: passages of English prose (`{key}.txt`) from the Python documentation topics.
+- text/{split}-NNNNNN.tar: passages of English prose (`{key}.txt`) from the Python documentation topics;
+- qa/{split}-NNNNNN.tar: one question about a scene per sample in LLaVA's conversation layout
+  (`{key}.png`, `{key}.json` = {"conversations": [...], "kind": ..., "scene": {...}}), for
+  question-answering fine-tuning (see fusionlab.data.questions).
 
 The sources are scikit-learn's 1,797 handwritten digit scans (`load_digits`) and the standard
 library's `pydoc_data.topics`. Train and val draw from disjoint pools of scans and topics. The pools
@@ -28,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +42,7 @@ import webdataset as wds
 from PIL import Image
 
 from fusionlab.batch import DATA_TYPES
+from fusionlab.data.questions import conversation, scene_questions
 from fusionlab.data.scenes import (
     DigitRenderer,
     Scene,
@@ -61,7 +66,7 @@ KEY_WIDTH = 9
 # A fixed member mtime, because TarWriter would otherwise stamp time.time() and no two builds would match.
 SHARD_MTIME = 0
 # Samples per shard, chosen from measured member sizes to keep each shard under about 1.5 MB.
-MAX_SAMPLES_PER_SHARD = {"caption": 300, "interleaved": 120, "text": 500}
+MAX_SAMPLES_PER_SHARD = {"caption": 300, "interleaved": 120, "text": 500, "qa": 300}
 # At least 4 train shards, so 2 ranks x 2 dataloader workers can each read whole shards.
 MIN_SHARDS = {"train": 4, "val": 1}
 # Fraction of caption rows dropped as if their download had failed, leaving gaps in the keys.
@@ -73,13 +78,14 @@ VAL_SCAN_FRACTION = 0.1
 VAL_TEXT_FRACTION = 0.15
 
 SAMPLE_DESCRIPTION = (
-    "Write caption, interleaved and text shards (train and val) built from scikit-learn's digit scans "
-    "and the Python documentation topics, with no download. The counts are samples per split: "
-    "--*-scenes captioned scenes, --*-docs interleaved documents of 2-4 scenes, --*-texts text passages."
+    "Write caption, interleaved, text and question-answering shards (train and val) built from "
+    "scikit-learn's digit scans and the Python documentation topics, with no download. The counts are "
+    "samples per split: --*-scenes captioned scenes, --*-docs interleaved documents of 2-4 scenes, "
+    "--*-texts text passages, --*-questions scenes with one question each."
 )
 DEFAULT_COUNTS = {
-    "train": {"caption": 6000, "interleaved": 2000, "text": None},
-    "val": {"caption": 300, "interleaved": 150, "text": None},
+    "train": {"caption": 6000, "interleaved": 2000, "text": None, "qa": 6000},
+    "val": {"caption": 300, "interleaved": 150, "text": None, "qa": 300},
 }
 
 
@@ -351,6 +357,15 @@ class SceneSamples:
             sample[f"img{i}.png"] = self.png(scene)
         return sample
 
+    def question_sample(self, key: str) -> dict:
+        scene = sample_scene(self.config, self.pool, self.rng)
+        scene_dict = scene.to_dict()
+        # One question per sample, its kind drawn at random, so each kind gets about a third of the scenes.
+        questions = scene_questions(key, scene_dict, random.Random(int(self.rng.integers(2**63))))
+        question = questions[int(self.rng.integers(len(questions)))]
+        meta = {"conversations": conversation([question]), "kind": question.kind, "scene": scene_dict}
+        return {"__key__": key, "png": self.png(scene), "json": _json_bytes(meta)}
+
 
 def text_samples(passages: list[str], n: int, rng: np.random.Generator) -> Iterable[str]:
     """Yield `n` passages, one fresh shuffle of the pool per pass, so repeats come only after a full pass."""
@@ -375,20 +390,23 @@ def write_sample_set(
     n_val_docs: int = DEFAULT_COUNTS["val"]["interleaved"],
     n_train_texts: int | None = None,
     n_val_texts: int | None = None,
+    n_train_questions: int = DEFAULT_COUNTS["train"]["qa"],
+    n_val_questions: int = DEFAULT_COUNTS["val"]["qa"],
     max_text_chars: int = 1500,
     overwrite: bool = False,
 ) -> dict:
     """Write the bundled sample set under `out_dir`, and return its manifest (also written as manifest.json).
 
-    Counts are samples per split: captioned scenes, interleaved documents (2-4 scenes each) and text
-    passages, where None takes every passage of the split's topic pool once. `image_size` defaults to
+    Counts are samples per split: captioned scenes, interleaved documents (2-4 scenes each), text
+    passages, where None takes every passage of the split's topic pool once, and scenes with one
+    question each. `image_size` defaults to
     the variant's (64 rich, 48 simple). Raises FileExistsError if `out_dir` already contains a sample
     set, unless `overwrite`.
     """
     config = scene_config(variant, image_size)
     counts = {
-        "train": {"caption": n_train_scenes, "interleaved": n_train_docs, "text": n_train_texts},
-        "val": {"caption": n_val_scenes, "interleaved": n_val_docs, "text": n_val_texts},
+        "train": {"caption": n_train_scenes, "interleaved": n_train_docs, "text": n_train_texts, "qa": n_train_questions},
+        "val": {"caption": n_val_scenes, "interleaved": n_val_docs, "text": n_val_texts, "qa": n_val_questions},
     }
     _check_arguments(seed, counts, max_text_chars)
     out = Path(out_dir)
@@ -440,10 +458,10 @@ class SampleSetBuilder:
         return np.random.default_rng([self.seed, SPLITS.index(split), DATA_TYPES.index(data_type)])
 
     def write_split(self, split: str, counts: dict) -> tuple[dict, dict, dict]:
-        """Write the three data types of `split`, and return their manifest entries and source records."""
+        """Write the four data types of `split`, and return their manifest entries and source records."""
         scan_ids = self.scan_pools[split]
         uses = np.zeros(len(self.targets), dtype=np.int64)
-        entries = {t: self.write_scenes(t, split, counts[t], uses) for t in ("caption", "interleaved")}
+        entries = {t: self.write_scenes(t, split, counts[t], uses) for t in ("caption", "interleaved", "qa")}
         entries["text"], text_record = self.write_texts(split, counts["text"])
 
         used = uses[scan_ids]
@@ -457,13 +475,15 @@ class SampleSetBuilder:
         return entries, scan_record, text_record
 
     def write_scenes(self, data_type: str, split: str, n: int, uses: np.ndarray) -> dict:
-        """Write `n` caption samples or interleaved documents, adding each scan's image count to `uses`."""
+        """Write `n` caption, interleaved or question samples, adding each scan's image count to `uses`."""
         rng = self.rng(split, data_type)
         pool = ScanPool(self.scan_pools[split], self.targets, rng)
         samples = SceneSamples(self.config, self.renderer, pool, rng, uses)
         per_shard = shard_counts(n, MIN_SHARDS[split], MAX_SAMPLES_PER_SHARD[data_type])
         if data_type == "caption":
             keys, make_sample = shard_keys(per_shard, rng, GAP_RATE), samples.caption_sample
+        elif data_type == "qa":
+            keys, make_sample = shard_keys(per_shard), samples.question_sample
         else:
             keys, make_sample = shard_keys(per_shard), samples.document_sample
         return self.write_shards(data_type, split, keys, make_sample)
@@ -590,6 +610,7 @@ def _add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         add(f"--{split}-scenes", type=int, default=defaults["caption"], metavar="N", help="(%(default)s)")
         add(f"--{split}-docs", type=int, default=defaults["interleaved"], metavar="N", help="(%(default)s)")
         add(f"--{split}-texts", type=int, metavar="N", help=f"(every passage of the {split} topics once)")
+        add(f"--{split}-questions", type=int, default=defaults["qa"], metavar="N", help="(%(default)s)")
     add("--max-text-chars", type=int, default=1500, metavar="N", help="max characters per passage (1500)")
     add("--overwrite", action="store_true", help="replace the shards and manifest of a previous build")
 
@@ -630,6 +651,8 @@ def run_sample(args: Sequence[str] | argparse.Namespace | None = None) -> int:
             n_val_docs=args.val_docs,
             n_train_texts=args.train_texts,
             n_val_texts=args.val_texts,
+            n_train_questions=args.train_questions,
+            n_val_questions=args.val_questions,
             max_text_chars=args.max_text_chars,
             overwrite=args.overwrite,
         )

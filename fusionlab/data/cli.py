@@ -33,7 +33,7 @@ def _add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     )
     add = parser.add_argument
     add("pattern", metavar="PATTERN", help="the shards to read")
-    add("--type", choices=("caption", "interleaved", "text"),
+    add("--type", choices=("caption", "interleaved", "text", "qa"),
         help="read every sample as this type (default: guess each sample's type from its members)")
     add("--tokenizer", default="byte", help="'byte' or a tokenizers .json file, for the token counts (byte)")
     add("--image-size", type=int, metavar="PX", help="with --patch-size: count packed positions per type")

@@ -50,7 +50,7 @@ class Source:
     """
 
     urls: str
-    type: Literal["caption", "interleaved", "text"]
+    type: Literal["caption", "interleaved", "text", "qa"]
     weight: float = 1.0
 
     def __post_init__(self) -> None:

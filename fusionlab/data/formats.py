@@ -16,6 +16,11 @@ Layouts, by source type:
   Images given only as URLs, or MMC4 images without image_base64, are dropped and counted, never
   fetched.
 - text: `{key}.txt` (a `{key}.json` beside it is ignored).
+- qa (question answering, LLaVA's instruction layout): one image member and `{key}.json` =
+  {"conversations": [{"from": "human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value":
+  "Answer"}, ...]}, turns alternating from "human" (or "user") to "gpt" (or "assistant"). The image
+  goes first, as LLaVA's preprocessing puts it, wherever `<image>` stands; each question becomes
+  `qa_prompt(question)` and each answer an `Answer` segment, the only text that gets targets.
 
 Only allow-listed members (the image extensions above, txt, json) are ever read from a tar, and
 nothing is ever unpickled: `.pyd`, `.pth` or `.pickle` members are skipped unread.
@@ -39,6 +44,7 @@ from webdataset.tariterators import base_plus_ext
 
 from fusionlab.batch import DATA_TYPES
 from fusionlab.data.errors import ShardReadError, SkipCounter, SkipSample
+from fusionlab.data.questions import IMAGE_PLACEHOLDER, qa_prompt
 from fusionlab.data.images import decode_image, image_to_tensor
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -51,7 +57,16 @@ SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, such as __index__
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
-Segment = str | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Text the model learns to produce. In a document with answers, only they get targets."""
+
+    text: str
+
+
+Segment = str | torch.Tensor | Answer
 
 
 @dataclass
@@ -178,6 +193,8 @@ class SampleDecoder:
             segments = self._caption(sample)
         elif self.data_type == "interleaved":
             segments = self._interleaved(sample, on_image_skip)
+        elif self.data_type == "qa":
+            segments = self._qa(sample)
         else:
             segments = self._text(sample)
         return Document(sample["__key__"], sample["__url__"], self.data_type, segments)
@@ -194,6 +211,17 @@ class SampleDecoder:
             raise SkipSample("multiple_images", f"caption sample with several image members {found}")
         caption = _text_member(sample)
         return [self.image(sample[found[0]]), caption]
+
+    def _qa(self, sample: dict) -> list[Segment]:
+        found = [extension for extension in IMAGE_EXTENSIONS if extension in sample]
+        if not found:
+            raise SkipSample("missing_image", f"question-answering sample without an image member ({_members(sample)})")
+        if len(found) > 1:
+            raise SkipSample("multiple_images", f"question-answering sample with several image members {found}")
+        segments: list[Segment] = [self.image(sample[found[0]])]
+        for question, answer in conversation_pairs(_json_member(sample)):
+            segments += [qa_prompt(question), Answer(" " + answer)]
+        return segments
 
     def _text(self, sample: dict) -> list[Segment]:
         found = [extension for extension in IMAGE_EXTENSIONS if extension in sample]
@@ -250,8 +278,8 @@ def decode_samples(samples: Iterable[dict], decoder: SampleDecoder, counter: Ski
 def sample_texts(sample: dict) -> list[str]:
     """Return the text of a raw sample of any type without decoding images (for tokenizer training).
 
-    Text comes from the txt member, the "texts" of an OBELICS-schema json or the "text_list" of an
-    MMC4 json. Members that are not valid UTF-8 or JSON give no text.
+    Text comes from the txt member, the "texts" of an OBELICS-schema json, the "text_list" of an
+    MMC4 json or the turns of a LLaVA "conversations" json. Members that are not valid UTF-8 or JSON give no text.
     """
     texts = []
     if "txt" in sample:
@@ -267,6 +295,10 @@ def sample_texts(sample: dict) -> list[str]:
         if isinstance(document, dict):
             listed = document.get("texts") or document.get("text_list") or []
             texts += [text for text in listed if isinstance(text, str)] if isinstance(listed, list) else []
+            turns = document.get("conversations")
+            if isinstance(turns, list):
+                texts += [turn["value"].replace(IMAGE_PLACEHOLDER, "") for turn in turns
+                          if isinstance(turn, dict) and isinstance(turn.get("value"), str)]
     return [text for text in texts if text.strip()]
 
 
@@ -304,13 +336,42 @@ def _text_member(sample: dict) -> str:
 
 def _json_member(sample: dict):
     if "json" not in sample:
-        raise SkipSample("missing_json", f"interleaved sample without a json member ({_members(sample)})")
+        raise SkipSample("missing_json", f"sample without a json member ({_members(sample)})")
     if not sample["json"]:
         raise SkipSample("empty_member", "zero-byte json member")
     try:
         return json.loads(sample["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
         raise SkipSample("invalid_json", f"{type(exn).__name__}: {exn}") from exn
+
+
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def conversation_pairs(document) -> list[tuple[str, str]]:
+    """Return the (question, answer) pairs of a LLaVA conversation, without the `<image>` marker."""
+    turns = document.get("conversations") if isinstance(document, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise SkipSample("invalid_layout", 'question-answering json must be an object with a non-empty list "conversations"')
+    roles, values = [], []
+    for index, turn in enumerate(turns):
+        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        value = turn.get("value") if isinstance(turn, dict) else None
+        if role is None or not isinstance(value, str):
+            raise SkipSample("invalid_layout", f'conversations[{index}] must be {{"from": "human" or "gpt", "value": text}}')
+        roles.append(role)
+        values.append(value)
+    if roles != ["human", "gpt"] * (len(turns) // 2) or len(turns) % 2:
+        raise SkipSample("invalid_layout", f"conversation turns must alternate human, gpt and end with gpt; got {roles}")
+    if sum(value.count(IMAGE_PLACEHOLDER) for value in values) > 1:
+        raise SkipSample("multiple_images", "the conversation marks more than one image; one image per sample is supported")
+    pairs = []
+    for question, answer in zip(values[::2], values[1::2]):
+        question = " ".join(question.replace(IMAGE_PLACEHOLDER, " ").split())
+        if not question or not answer.strip():
+            raise SkipSample("empty_text", "a conversation turn has no text")
+        pairs.append((question, answer.strip()))
+    return pairs
 
 
 def parallel_lists(document) -> tuple[list, list]:

@@ -92,13 +92,14 @@ class _SizeRecordingDecoder(SampleDecoder):
 
 
 def guess_type(sample: dict) -> str:
-    """Guess the data type of a raw sample: an image member -> caption, else json -> interleaved, else text.
+    """Guess the data type of a raw sample from its members.
 
-    Interleaved documents name their images `key.img0.png`, so their extensions ("img0.png") are
-    not plain image extensions.
+    An image member with a json that holds "conversations" is qa, another image member caption;
+    without one, json is interleaved, else text. Interleaved documents name their images
+    `key.img0.png`, so their extensions ("img0.png") are not plain image extensions.
     """
     if any(extension in sample for extension in IMAGE_EXTENSIONS):
-        return "caption"
+        return "qa" if b'"conversations"' in sample.get("json", b"") else "caption"
     return "interleaved" if "json" in sample else "text"
 
 

@@ -9,7 +9,8 @@ document of its own, with positions restarting at 0.
 Targets are the next token of the same document or piece, so `targets[i] == tokens[i + 1]` wherever
 a target is set. They are IGNORE_INDEX at image positions, where the next position is an image
 position (the step from `<boi>` into the patches), at the last position of a document or piece,
-and at padding.
+and at padding. In a document with `Answer` segments (question answering), targets are set only
+where the next token is part of an answer or is the `<eos>` that follows the last answer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fusionlab.batch import DATA_TYPES, IGNORE_INDEX, Batch
-from fusionlab.data.formats import Document
+from fusionlab.data.formats import Answer, Document
 from fusionlab.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Packer:
     the first open row with room for it, otherwise into a new row. When all open rows are taken, the
     fullest is emitted first. Rows are emitted as soon as they are full, and `flush` emits the rest.
     Every emitted row carries stats: "positions", "padding", "documents", "images", the
-    non-padding positions per data type ("tokens/caption", "tokens/interleaved", "tokens/text") and
+    non-padding positions per data type ("tokens/caption", "tokens/interleaved", ...) and
     the image positions ("tokens/image") where non-zero, plus "images_dropped" and any counts given
     to `add_stats` since the previous row.
     """
@@ -150,15 +151,20 @@ class Packer:
         """Lay out a whole document; returns it with the positions before which a cut is allowed."""
         tok = self.tokenizer
         tokens, slots, patches, cuts = [tok.bos_id], [-1], [-1], [True]
+        # Whether a position is learned, that is, may be a target. With answers in the document only
+        # the answers and the closing <eos> are, so fine-tuning teaches answering, not asking.
+        answer_only = any(isinstance(segment, Answer) for segment in document.segments)
+        learned = [not answer_only]
         images: list[Tensor] = []
         image_length = self.tokens_per_image + 2
         for segment in document.segments:
-            if isinstance(segment, str):
-                ids = tok.encode(segment)
+            if isinstance(segment, (str, Answer)):
+                ids = tok.encode(segment if isinstance(segment, str) else segment.text)
                 tokens += ids
                 slots += [-1] * len(ids)
                 patches += [-1] * len(ids)
                 cuts += [True] * len(ids)
+                learned += [isinstance(segment, Answer) or not answer_only] * len(ids)
             elif image_length > self.context:
                 self._pending["images_dropped"] += 1
             else:
@@ -166,15 +172,17 @@ class Packer:
                 slots += [-1] + [len(images)] * self.tokens_per_image + [-1]
                 patches += [-1, *range(self.tokens_per_image), -1]
                 cuts += [True] + [False] * (image_length - 1)
+                learned += [not answer_only] * image_length  # <boi> is a target of plain documents
                 images.append(segment)
         tokens.append(tok.eos_id)
         slots.append(-1)
         patches.append(-1)
         cuts.append(True)
+        learned.append(not answer_only or isinstance(document.segments[-1], Answer))
 
         targets = [IGNORE_INDEX] * len(tokens)
         for i in range(len(tokens) - 1):
-            if slots[i] < 0 and slots[i + 1] < 0:
+            if slots[i] < 0 and slots[i + 1] < 0 and learned[i + 1]:
                 targets[i] = tokens[i + 1]
         source = DATA_TYPES.index(document.data_type)
         return _Piece(tokens, slots, patches, targets, images, source), cuts

@@ -90,7 +90,8 @@ class DownstreamEvaluation(L.Callback):
 
     Args:
         shards: caption shards with references (and scenes, for digit accuracy and questions).
-        tokenizer: the tokenizer spec of the data section.
+        tokenizer: a tokenizer spec ("byte" or a tokenizers .json file); by default the data
+            module's tokenizer.
         limit: evaluate the first `limit` samples only; generation is the slow part.
         max_new_tokens: caption length at most, in tokens.
         batch_size: prompts decoded together.
@@ -100,7 +101,7 @@ class DownstreamEvaluation(L.Callback):
     def __init__(
         self,
         shards: str,
-        tokenizer: str = "byte",
+        tokenizer: str | None = None,
         limit: int | None = 64,
         max_new_tokens: int = 64,
         batch_size: int = 16,
@@ -125,8 +126,14 @@ class DownstreamEvaluation(L.Callback):
                 raise ValueError(f"{type(backbone).__name__} records no image_size, so shards cannot be resized for it")
             self._samples = read_caption_shards(self.shards, int(image_size), self.limit)
         start = time.perf_counter()
+        if self.tokenizer is not None:
+            tokenizer = load_tokenizer(self.tokenizer)
+        elif getattr(trainer, "datamodule", None) is not None and hasattr(trainer.datamodule, "tokenizer"):
+            tokenizer = trainer.datamodule.tokenizer
+        else:
+            raise ValueError("DownstreamEvaluation needs a tokenizer: set its tokenizer argument or train with FusionDataModule")
         self.scores = evaluate(
-            backbone, self._samples, load_tokenizer(self.tokenizer),
+            backbone, self._samples, tokenizer,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, qa=self.qa,
         )
         log.info("downstream scores on %d samples in %.1f s: %s", len(self._samples),

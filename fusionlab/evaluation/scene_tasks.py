@@ -8,11 +8,17 @@ The question-answering set asks, per scene, how many digits there are, which dig
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
+from fusionlab.data.questions import (  # noqa: F401  (re-exported: the question set is part of the tasks)
+    QUESTION_KINDS,
+    Question,
+    build_qa_set,
+    qa_prompt,
+    scene_digits,
+    scene_questions,
+)
 from fusionlab.data.scenes import DIGIT_WORDS, cell_name
 
 _DIGIT = r"(?:[0-9]|" + "|".join(DIGIT_WORDS) + r")"
@@ -24,12 +30,6 @@ _CELLS = sorted(
 _DIGIT_IN_CELL = re.compile(
     rf"\b(?P<digit>{_DIGIT})\b(?:(?!\b{_DIGIT}\b)[^.;:])*?\bin the (?P<cell>{'|'.join(_CELLS)})\b"
 )
-
-
-def scene_digits(scene: Mapping) -> set[tuple[int, str]]:
-    """Return the (digit, cell name) pairs of a scene dict."""
-    grid = int(scene["grid"])
-    return {(int(d["digit"]), cell_name(int(d["row"]), int(d["col"]), grid)) for d in scene["digits"]}
 
 
 def caption_digits(caption: str) -> set[tuple[int, str]]:
@@ -52,53 +52,6 @@ def digit_accuracy(captions: Sequence[str], scenes: Sequence[Mapping]) -> float:
 
 # --------------------------------------------------------------------------------------------
 # question answering
-
-
-@dataclass(frozen=True)
-class Question:
-    key: str  # image key
-    kind: str  # "count", "cell" or "presence"
-    question: str
-    answer: str
-
-
-QUESTION_KINDS = ("count", "cell", "presence")
-
-
-def scene_questions(key: str, scene: Mapping, rng: random.Random) -> list[Question]:
-    """Write one question of each kind about a scene, with its canonical answer."""
-    grid = int(scene["grid"])
-    by_cell = {cell: digit for digit, cell in scene_digits(scene)}
-    n = len(scene["digits"])
-    questions = [Question(key, "count", "How many digits are there?", str(n))]
-
-    row, col = rng.randrange(grid), rng.randrange(grid)
-    cell = cell_name(row, col, grid)
-    at_cell = str(by_cell[cell]) if cell in by_cell else "none"
-    questions.append(Question(key, "cell", f"Which digit is in the {cell}?", at_cell))
-
-    present = {digit for digit, _ in scene_digits(scene)}
-    # Ask about a present digit half of the time, so "yes" and "no" are equally likely answers.
-    if rng.random() < 0.5:
-        digit = rng.choice(sorted(present))
-    else:
-        digit = rng.choice([d for d in range(10) if d not in present])
-    questions.append(Question(key, "presence", f"Is there a {digit}?", "yes" if digit in present else "no"))
-    return questions
-
-
-def build_qa_set(scenes: Mapping[str, Mapping], seed: int = 0) -> list[Question]:
-    """Build the question set of scenes {image key: scene}: three questions per scene, seeded."""
-    rng = random.Random(seed)
-    questions = []
-    for key in sorted(scenes):
-        questions += scene_questions(key, scenes[key], rng)
-    return questions
-
-
-def qa_prompt(question: str) -> str:
-    """Format the text that follows the image in a question-answering prompt and document."""
-    return f" Question: {question} Answer:"
 
 
 def normalize_answer(text: str) -> str:

@@ -190,6 +190,8 @@ def _fit(args: argparse.Namespace) -> int:
             f"{loss_type}: {fit['n_runs']} runs  E={p['E']:.4g} A={p['A']:.4g} B={p['B']:.4g} "
             f"alpha={p['alpha']:.4f} beta={p['beta']:.4f}  a={exponents['a']:.4f} b={exponents['b']:.4f}"
         )
+        for message in fit.get("diagnostics", []):
+            print(f"  warning: {message}")
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
@@ -223,6 +225,10 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"\nC = {C:.3g} FLOPs")
         for row in cells:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        for name, values in columns:
+            if values.get("dropped_resamples"):
+                print(f"{name}: {values['dropped_resamples']} bootstrap resamples have no finite optimum "
+                      "and are left out of the interval; the fit does not constrain them")
     return 0
 
 

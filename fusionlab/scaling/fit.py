@@ -454,9 +454,10 @@ def bootstrap_fits(
     u0 = np.repeat(objective.to_internal(best.log_params[None, :]), rounds, axis=0)
     u, _, _ = _lbfgs_batched(objective, u0, max_iter=3000, ftol=1e-13)
     theta = objective.from_internal(u)
-    return np.column_stack(
-        [np.exp(theta[:, 0]), np.exp(theta[:, 1]), np.exp(theta[:, 2]), theta[:, 3], theta[:, 4]]
-    )
+    with np.errstate(over="ignore"):  # an unconstrained A or B may overflow to inf: a real outcome here
+        return np.column_stack(
+            [np.exp(theta[:, 0]), np.exp(theta[:, 1]), np.exp(theta[:, 2]), theta[:, 3], theta[:, 4]]
+        )
 
 
 def goodness_of_fit(params: ScalingLawParams, N, D, L) -> dict[str, float | None]:

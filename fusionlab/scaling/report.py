@@ -248,6 +248,9 @@ def analyse(N, D, C, L, options: FitOptions = FitOptions(), flops_reported: bool
     if result["frontier"].get("c") is not None:
         result["exponents"]["c"] = result["frontier"]["c"]
     result["tokens_per_parameter"] = _optimal_table(params, C)
+    result["diagnostics"] = diagnose(result, np.asarray(L, dtype=np.float64))
+    for message in result["diagnostics"]:
+        log.info("%s", message)
     return result
 
 
@@ -277,12 +280,16 @@ def _bootstrap(N, D, L, params: ScalingLawParams, options: FitOptions) -> dict:
     )
     tail = 50 * (1 - options.confidence)
     low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
-    spread = samples.std(axis=0, ddof=1) if len(samples) > 1 else np.zeros(len(PARAM_NAMES))
+    # Resamples of runs that do not constrain a parameter send A or B towards overflow; their
+    # spread is then infinite, reported as None.
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = samples.std(axis=0, ddof=1) if len(samples) > 1 else np.zeros(len(PARAM_NAMES))
+    spread = [float(x) if np.isfinite(x) else None for x in spread]
     return {
         "intervals": {
             name: [float(lo), float(hi)] for name, lo, hi in zip(PARAM_NAMES, low, high, strict=True)
         },
-        "standard_errors": {name: float(x) for name, x in zip(PARAM_NAMES, spread, strict=True)},
+        "standard_errors": dict(zip(PARAM_NAMES, spread, strict=True)),
         "bootstrap": {
             "rounds": options.bootstrap_rounds,
             "seed": options.seed,
@@ -291,6 +298,29 @@ def _bootstrap(N, D, L, params: ScalingLawParams, options: FitOptions) -> dict:
             "samples": samples.tolist(),
         },
     }
+
+
+# An exponent whose interval is wider than this multiple of its value is reported as unconstrained.
+WIDE_INTERVAL = 1.0
+
+
+def diagnose(fit: dict, L: np.ndarray) -> list[str]:
+    """List what the runs leave undetermined: an irreducible loss of about zero, or wide exponent intervals."""
+    messages = []
+    params = fit["params"]
+    if params["E"] < 1e-3 * float(L.min()):
+        messages.append(
+            f"E is fitted to {params['E']:.3g}, about zero: the losses show no floor yet, so E is not "
+            "identified and the exponents absorb it; add runs with more tokens per parameter"
+        )
+    for name, remedy in (("alpha", "model sizes"), ("beta", "token budgets")):
+        interval = fit.get("intervals", {}).get(name)
+        if interval and interval[1] - interval[0] > WIDE_INTERVAL * abs(params[name]):
+            messages.append(
+                f"{name} = {params[name]:.3g} is poorly constrained: its bootstrap interval is "
+                f"[{interval[0]:.3g}, {interval[1]:.3g}]; add {remedy}"
+            )
+    return messages
 
 
 def _exponents(params: ScalingLawParams, bootstrap: dict | None, confidence: float) -> dict:
@@ -493,6 +523,8 @@ def _markdown_fit(loss_type: str, fit: dict) -> list[str]:
     for name in PARAM_NAMES:
         lines.append(_row(name, _num(fit["params"][name], 5), _interval(intervals.get(name))))
     lines.append(_row("objective", _num(fit["objective"], 8), ""))
+    if fit.get("diagnostics"):
+        lines += ["", *[f"Warning: {message}." for message in fit["diagnostics"]]]
 
     exponents = fit["exponents"]
     lines += _table("exponent", "value", "interval")
@@ -558,7 +590,8 @@ def predict_at(fit: dict, C: float, confidence: float = 0.95) -> dict:
     """Return compute-optimal N*, D*, D*/N* and loss at compute C, each as (value, low, high).
 
     The interval spans the central `confidence` of the bootstrap fits' own optima at C; it is
-    (value, None, None) when the fit contains no bootstrap samples.
+    (value, None, None) when the fit contains no bootstrap samples. "dropped_resamples" counts the
+    resamples left out of the interval because their optimum is not finite.
     """
     params = ScalingLawParams(**fit["params"])
     N_star, D_star = params.compute_optimal(C)
@@ -567,17 +600,24 @@ def predict_at(fit: dict, C: float, confidence: float = 0.95) -> dict:
 
     samples = np.asarray(fit.get("bootstrap", {}).get("samples", []), dtype=np.float64).reshape(-1, 5)
     E, A, B, alpha, beta = samples.T
-    usable = (alpha > 0) & (beta > 0)
+    usable = np.isfinite(samples).all(axis=1) & (alpha > 0) & (beta > 0)
     if not usable.any():
         return {k: (v, None, None) for k, v in values.items()}
     E, A, B, alpha, beta = (v[usable] for v in (E, A, B, alpha, beta))
-    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
-    N_s = G * (C / 6) ** (beta / (alpha + beta))
-    D_s = (C / 6) ** (alpha / (alpha + beta)) / G
-    spread = {"N_star": N_s, "D_star": D_s, "D_per_N": D_s / N_s, "loss": E + A / N_s**alpha + B / D_s**beta}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+        N_s = G * (C / 6) ** (beta / (alpha + beta))
+        D_s = (C / 6) ** (alpha / (alpha + beta)) / G
+        spread = {"N_star": N_s, "D_star": D_s, "D_per_N": D_s / N_s, "loss": E + A / N_s**alpha + B / D_s**beta}
+    # Resamples whose optimum overflows (an unconstrained A or B) are left out and counted, because
+    # they would turn every percentile into nan.
+    finite = np.all([np.isfinite(v) for v in spread.values()], axis=0)
+    dropped = int(len(samples) - finite.sum())
+    if not finite.any():
+        return {k: (v, None, None) for k, v in values.items()} | {"dropped_resamples": dropped}
     tail = 50 * (1 - confidence)
-    out = {}
+    out: dict = {"dropped_resamples": dropped}
     for key, value in values.items():
-        low, high = np.percentile(spread[key], [tail, 100 - tail])
+        low, high = np.percentile(spread[key][finite], [tail, 100 - tail])
         out[key] = (value, float(low), float(high))
     return out

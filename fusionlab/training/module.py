@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from fusionlab.batch import DATA_TYPES, IGNORE_INDEX, Batch
 from fusionlab.data.stats import data_metrics
@@ -47,6 +48,11 @@ class FusionModule(L.LightningModule):
         compile: compile the backbone with torch.compile (the first steps pay the compilation).
         shuffled_image_eval: also report validation loss with images shuffled across samples,
             which measures how much the model uses the pixels.
+        init_from: a checkpoint of `fusionlab fit` whose backbone weights start this run, for
+            fine-tuning a pretrained model. The optimiser, schedule, step and token counts start
+            afresh. The recipe's backbone must have the same class and shapes; the simplest way
+            is to give the pretraining run's config.yaml as the first --config. A run resumed with
+            --ckpt_path restores its own weights over these.
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class FusionModule(L.LightningModule):
         fused_adamw: bool = False,
         compile: bool = False,
         shuffled_image_eval: bool = True,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -81,6 +88,35 @@ class FusionModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------
     # optimisation
+
+    def setup(self, stage: str) -> None:
+        # Before configure_model (so before compilation) and before Lightning restores a --ckpt_path.
+        if self.hparams.init_from and not getattr(self, "_initialised_from", None):
+            self._load_pretrained(self.hparams.init_from)
+            self._initialised_from = self.hparams.init_from
+        # Counted now, before a sharding strategy wraps the model and leaves each rank a shard.
+        _ = self.parameter_counts
+
+    def _load_pretrained(self, path: str) -> None:
+        from fusionlab.training.routing import read_backbone_checkpoint
+
+        spec, state = read_backbone_checkpoint(path)
+        cls = type(self.backbone)
+        ours = f"{cls.__module__}.{cls.__qualname__}"
+        if spec["class_path"] != ours:
+            raise ValueError(
+                f"model.init_from {path} contains a {spec['class_path']} backbone but the recipe builds a {ours}: "
+                "give the pretraining run's config.yaml as the first --config"
+            )
+        try:
+            self.backbone.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"model.init_from {path}: the recipe's backbone does not match the checkpoint's shapes "
+                f"({error}). The checkpoint was built with {spec.get('init_args')}; give the pretraining "
+                "run's config.yaml as the first --config"
+            ) from error
+        log.info("backbone weights initialised from %s", path)
 
     def configure_model(self) -> None:
         # In place, so parameter names and checkpoints are the same with and without compilation.
@@ -145,8 +181,13 @@ class FusionModule(L.LightningModule):
         return token_loss, out.aux_loss
 
     def _clip_gradients(self) -> Tensor:
-        params = [p for p in self.backbone.parameters() if p.grad is not None]
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
+        model = getattr(self.trainer.strategy, "model", None)
+        if isinstance(model, FullyShardedDataParallel):
+            # Each rank has a shard of every gradient, so the global norm needs a reduction over
+            # ranks, which FSDP's own clipping does. Every rank then gets the same norm.
+            return model.clip_grad_norm_(max_norm)
+        params = [p for p in self.backbone.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _step_or_skip(self, optimizer: Any, grad_norm: Tensor) -> None:
@@ -197,7 +238,8 @@ class FusionModule(L.LightningModule):
         self.tokens_seen += total[0]
         self.image_tokens_seen += total[1]
         self.samples_seen += total[2]
-        type_sums, type_counts = total[3:6], total[6:9]
+        n_types = len(DATA_TYPES)
+        type_sums, type_counts = total[3 : 3 + n_types], total[3 + n_types :]
         for key, value in batch.stats.items():
             self.data_counters[key] = self.data_counters.get(key, 0) + int(value)
 
@@ -244,7 +286,7 @@ class FusionModule(L.LightningModule):
         self.last_val_losses = {name: float(value) for name, value in losses.items()}
         shuffled = self.val_losses_shuffled.compute() if self.hparams.shuffled_image_eval else {}
         self.val_losses_shuffled.reset()
-        for name in ("caption", "interleaved"):
+        for name in ("caption", "interleaved", "qa"):
             if name in shuffled:
                 self.log(f"val/loss_{name}_shuffled_images", shuffled[name])
                 self.last_val_losses[f"{name}_shuffled_images"] = float(shuffled[name])

@@ -244,11 +244,11 @@ class RoutingStatistics(L.Callback):
 # report for a checkpoint
 
 
-def load_backbone(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
-    """Rebuild the backbone of a FusionModule checkpoint and load its weights.
+def read_backbone_checkpoint(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Return the backbone spec {"class_path", "init_args"} and the backbone state dict of a checkpoint.
 
-    The checkpoint stores checkpoint["backbone"] = {"class_path", "init_args"} and a state_dict
-    whose backbone keys start with "backbone.".
+    A FusionModule checkpoint stores checkpoint["backbone"] and a state_dict whose backbone keys
+    start with "backbone.".
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     spec = checkpoint.get("backbone")
@@ -257,14 +257,20 @@ def load_backbone(checkpoint_path: str | Path, map_location: str | torch.device 
             f"checkpoint {checkpoint_path} has no 'backbone' entry with a class_path: it was not written by "
             "fusionlab's FusionModule (or by a version before backbones were recorded)"
         )
+    prefix = "backbone."
+    state = {key.removeprefix(prefix): value for key, value in checkpoint["state_dict"].items()
+             if key.startswith(prefix)}
+    return dict(spec), state
+
+
+def load_backbone(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
+    """Rebuild the backbone of a FusionModule checkpoint and load its weights."""
+    spec, state = read_backbone_checkpoint(checkpoint_path, map_location)
     module_name, _, class_name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, Backbone)):
         raise TypeError(f"checkpoint class_path {spec['class_path']!r} is not a fusionlab Backbone subclass")
     backbone = cls(**spec.get("init_args", {}))
-    prefix = "backbone."
-    state = {key.removeprefix(prefix): value for key, value in checkpoint["state_dict"].items()
-             if key.startswith(prefix)}
     backbone.load_state_dict(state)
     return backbone.eval()
 

@@ -169,6 +169,8 @@ def test_recipe_trains_through_fusionlab_fit(tmp_path):
         n_val_docs=4,
         n_train_texts=4,
         n_val_texts=2,
+        n_train_questions=0,
+        n_val_questions=0,
     )
     recipe = yaml.safe_load(RECIPE.read_text())
     assert recipe["model"]["backbone"]["class_path"] == "CrossAttentionFusion"
