@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import lightning as L
@@ -85,15 +86,15 @@ class RefDecoder(nn.Module):
         return self.head(self.norm(x))
 
 
-def reference_seconds(size, batch: Batch, steps: int, warmup: int, precision: str) -> float:
+def reference_seconds(size, batch: Batch, steps: int, warmup: int, precision: str) -> list[float]:
     d, layers, heads, _, _ = size
     torch.manual_seed(0)
     model = RefDecoder(d, layers, heads, d_ff=64 * math.ceil(8 * d / 3 / 64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     n_targets = (batch.targets != IGNORE_INDEX).sum()
-    for step in range(steps):
-        if step == warmup:
-            start = time.perf_counter()
+    starts = []
+    for _ in range(steps):
+        starts.append(time.perf_counter())
         mask = packed_attention_mask(batch.document, batch.image_index)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(batch.tokens, batch.positions, mask)
@@ -103,7 +104,13 @@ def reference_seconds(size, batch: Batch, steps: int, warmup: int, precision: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / (steps - warmup)
+    starts.append(time.perf_counter())
+    return step_seconds(starts, warmup)
+
+
+def step_seconds(starts: list[float], warmup: int) -> list[float]:
+    """Return the durations of the steps after the warmup, from the times at which each step began."""
+    return [end - start for start, end in zip(starts[warmup:-1], starts[warmup + 1 :])]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,15 +118,16 @@ def reference_seconds(size, batch: Batch, steps: int, warmup: int, precision: st
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+    """Record when each step begins, so a step's time includes Lightning's work between steps."""
+
+    def __init__(self):
+        self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
     def on_train_end(self, trainer, *args) -> None:
-        self.end = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
 
 def build_fusionlab(size) -> EarlyFusion:
@@ -129,16 +137,16 @@ def build_fusionlab(size) -> EarlyFusion:
                        ffn_multiple_of=64, attention="sdpa")
 
 
-def fusionlab_seconds(size, batch: Batch, steps: int, warmup: int, precision: str) -> float:
+def fusionlab_seconds(size, batch: Batch, steps: int, warmup: int, precision: str) -> list[float]:
     module = FusionModule(build_fusionlab(size), lr=1e-4, warmup_steps=1, shuffled_image_eval=False)
-    timer = StepTimer(warmup)
+    timer = StepTimer()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, precision="bf16-mixed" if precision == "bf16" else "32-true",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer], limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(RepeatedBatches(batch), batch_size=None))
-    return (timer.end - timer.start) / (steps - warmup)
+    return step_seconds(timer.starts, warmup)
 
 
 def text_batch(batch_size: int, context: int, doc_len: int = 128) -> Batch:
@@ -158,13 +166,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per measurement (default 12)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the timing (default 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the fastest is kept (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds, whose steps are pooled for the median (default 3)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps "
-          f"({args.warmup} untimed), best of {args.rounds} alternating rounds")
+          f"({args.warmup} untimed), median step of {args.rounds} alternating rounds")
     peaks = {p: matmul_flops_per_sec(torch.float32 if p == "fp32" else torch.bfloat16) for p in args.precision}
     for p, peak in peaks.items():
         print(f"matmul throughput {p} (2048^3): {peak / 1e9:.1f} GFLOP/s")
@@ -177,10 +186,12 @@ def main() -> None:
         model = build_fusionlab(size)
         N = model.parameter_counts().N - model.decoder.embed.weight.numel() - sum(p.numel() for p in model.patch_embed.parameters())
         for precision in args.precision:
-            ours, plain = math.inf, math.inf
+            ours, plain = [], []
             for _ in range(args.rounds):  # alternate, so slow phases of a noisy machine hit both
-                ours = min(ours, fusionlab_seconds(size, batch, args.steps, args.warmup, precision))
-                plain = min(plain, reference_seconds(size, batch, args.steps, args.warmup, precision))
+                ours += fusionlab_seconds(size, batch, args.steps, args.warmup, precision)
+                plain += reference_seconds(size, batch, args.steps, args.warmup, precision)
+            # The median step of all rounds: one slow step, from a burst of load, does not move it.
+            ours, plain = statistics.median(ours), statistics.median(plain)
             flops = 6 * N * tokens / ours
             print(f"{name:<6} {precision:<5} {N / 1e6:>6.1f}M {tokens / ours:>16.0f} {tokens / plain:>12.0f} "
                   f"{plain / ours:>6.2f} {flops / 1e9:>8.1f} {flops / peaks[precision]:>9.2f}", flush=True)

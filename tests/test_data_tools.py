@@ -218,3 +218,16 @@ def test_tokenizer_rejects_other_suffix(tmp_path, mixed_shards, capsys):
     code, _, err = run_cli(["data", "tokenizer", mixed_shards, "--out", str(tmp_path / "bpe.txt")], capsys)
     assert code == 2
     assert ".json" in err
+
+
+def test_inspect_guesses_question_answering(tmp_path, capsys):
+    conversation = {"conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "2"}]}
+    members = caption_members(["c0"]) + [("q0.png", png()), ("q0.json", json.dumps(conversation))]
+    shard = write_tar(tmp_path / "qa.tar", members)
+    code, out, _ = run_cli(["data", "inspect", shard, "--json"], capsys)
+    assert code == 0
+    types = json.loads(out)["types"]
+    assert types["qa"]["samples"] == 1
+    assert types["caption"]["samples"] == 1
+    # byte tokenizer: " Question: How many? Answer:" (28) + " 2" (2)
+    assert types["qa"]["text_tokens"] == 30

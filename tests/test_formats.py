@@ -384,3 +384,10 @@ def test_bad_qa_sample_skipped_with_reason(tmp_path, members, reason):
     docs = read([write_tar(tmp_path / "q.tar", members + good)], "qa", counter)
     assert [doc.key for doc in docs] == ["z"]
     assert counter.totals == {reason: 1}
+
+
+def test_sample_texts_reads_conversation_turns():
+    from fusionlab.data.formats import sample_texts
+
+    sample = {"json": conversation_json(("human", "<image>\nHow many?"), ("gpt", "2")).encode()}
+    assert sample_texts(sample) == ["\nHow many?", "2"]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from fusionlab.batch import DATA_TYPES
 from fusionlab.data.errors import SkipCounter, SkipSample
-from fusionlab.data.formats import IMAGE_EXTENSIONS, SampleDecoder, decode_samples, tar_samples
+from fusionlab.data.formats import IMAGE_EXTENSIONS, Answer, SampleDecoder, decode_samples, tar_samples
 from fusionlab.data.tokenizer import Tokenizer
 
 
@@ -123,7 +123,8 @@ def inspect_shards(
         for document in decode_samples([sample], decoder, counter):
             report.samples[document.data_type] += 1
             report.images[document.data_type] += document.n_images
-            texts = [segment for segment in document.segments if isinstance(segment, str)]
+            texts = [segment if isinstance(segment, str) else segment.text
+                     for segment in document.segments if isinstance(segment, (str, Answer))]
             report.text_tokens[document.data_type] += sum(len(tokenizer.encode(text)) for text in texts)
     for decoder in decoders.values():
         report.image_sizes += decoder.sizes

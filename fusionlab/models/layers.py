@@ -38,10 +38,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32: bf16 sums of squares lose too much precision.
+        # Normalise in float32, because bf16 sums of squares lose too much precision. The output
+        # keeps the input's dtype: bf16 queries and keys stay bf16 on their way to attention.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        return x32.type_as(x) * self.weight.type_as(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,11 +64,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :K/2], x[..., K/2:]) of x (B, H, T, K) by the given angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, K/2)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    """Rotate pairs (x[..., :K/2], x[..., K/2:]) of x (B, H, T, K) by the given angles.
+
+    The angles are computed in float32 and the rotation runs in x's dtype, as is usual for bf16
+    training: float32 copies of the queries and keys would double the memory traffic here.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, K/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 def packed_attention_mask(document: Tensor, image_index: Tensor) -> Tensor:
