@@ -373,6 +373,8 @@ def test_qa_reads_llava_conversation(tmp_path):
         ([("k.png", png()), ("k.json", conversation_json(("gpt", "a"), ("human", "q")))], "invalid_layout"),
         ([("k.png", png()), ("k.json", conversation_json(("human", "q")))], "invalid_layout"),
         ([("k.png", png()), ("k.json", conversation_json(("human", "q"), ("robot", "a")))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json((["human"], "q"), ("gpt", "a")))], "invalid_layout"),
+        ([("k.png", png()), ("k.json", conversation_json(({"a": 1}, "q"), ("gpt", "a")))], "invalid_layout"),
         ([("k.png", png()), ("k.json", conversation_json(("human", "<image> q <image>"), ("gpt", "a")))], "multiple_images"),
         ([("k.png", png()), ("k.json", conversation_json(("human", "<image>"), ("gpt", "a")))], "empty_text"),
         ([("k.png", png()), ("k.json", conversation_json(("human", "q"), ("gpt", "  ")))], "empty_text"),

@@ -350,3 +350,12 @@ def test_predict_at_leaves_out_overflowed_resamples():
         value, low, high = result[key]
         assert math.isfinite(low)
         assert math.isfinite(high)
+
+
+def test_diagnose_flags_single_size_and_flat_exponent():
+    from fusionlab.scaling.report import diagnose
+
+    fit = {"params": {"E": 1.0, "alpha": 2.0, "beta": 0.0}}
+    messages = diagnose(fit, np.array([2.0, 1.9]), N=np.array([1e6, 1e6]), D=np.array([1e8, 2e8]))
+    assert any(m.startswith("every run has the same model size") for m in messages)
+    assert any(m.startswith("beta = 0:") for m in messages)

@@ -177,3 +177,13 @@ def test_validate_and_test_from_checkpoint(sample_dir, tmp_path):
         assert set(losses) >= {"caption", "interleaved", "text", "mean"}
         # the same weights on the same validation set give the fit's final losses
         assert losses["mean"] == pytest.approx(trained["mean"], rel=1e-5)
+
+
+def test_last_checkpoint_holds_final_step(sample_dir, tmp_path):
+    # every_n_train_steps 5 does not divide max_steps 8: last.ckpt must still be step 8, not 5.
+    recipe = tiny_recipe(sample_dir, tmp_path, checkpoint={"every_n_train_steps": 5})
+    run_lightning_cli(["fit", "--config", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    checkpoints = tmp_path / "tiny" / "version_0" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
+    assert (checkpoints / "epoch=0-step=5.ckpt").is_file()

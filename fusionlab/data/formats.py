@@ -355,7 +355,8 @@ def conversation_pairs(document) -> list[tuple[str, str]]:
         raise SkipSample("invalid_layout", 'question-answering json must be an object with a non-empty list "conversations"')
     roles, values = [], []
     for index, turn in enumerate(turns):
-        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = _ROLES.get(speaker) if isinstance(speaker, str) else None
         value = turn.get("value") if isinstance(turn, dict) else None
         if role is None or not isinstance(value, str):
             raise SkipSample("invalid_layout", f'conversations[{index}] must be {{"from": "human" or "gpt", "value": text}}')

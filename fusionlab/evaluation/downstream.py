@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         name, sep, path = spec.partition("=")
         if not sep or not name or not Path(path).is_file():
             raise SystemExit(f"fusionlab downstream: --checkpoint {spec!r} must look like NAME=CKPT with an existing CKPT")
+        if name in {known for known, _ in checkpoints}:
+            raise SystemExit(f"fusionlab downstream: --checkpoint name {name!r} is given twice; names must differ")
         checkpoints.append((name, Path(path)))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [evaluate_checkpoint(name, path, args.recipe, args.out, overrides, scoring) for name, path in checkpoints]

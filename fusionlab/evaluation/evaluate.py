@@ -93,7 +93,8 @@ class DownstreamEvaluation(L.Callback):
         tokenizer: a tokenizer spec ("byte" or a tokenizers .json file); by default the data
             module's tokenizer.
         limit: evaluate the first `limit` samples only; generation is the slow part.
-        max_new_tokens: caption length at most, in tokens.
+        max_new_tokens: caption length at most, in tokens. With the byte tokenizer a token is a
+            character, and the sample set's captions reach about 130 characters.
         batch_size: prompts decoded together.
         qa: also answer the scene questions (useful after question-answering fine-tuning).
     """
@@ -103,7 +104,7 @@ class DownstreamEvaluation(L.Callback):
         shards: str,
         tokenizer: str | None = None,
         limit: int | None = 64,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = 128,
         batch_size: int = 16,
         qa: bool = True,
     ):

@@ -30,7 +30,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     inputs.add_argument("--shards", help="caption shards: a path, folder, glob or brace pattern")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines file to write (default: stdout)")
     parser.add_argument("--tokenizer", default="byte", help="tokenizer the model was trained with (default byte)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per caption at most (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per caption at most (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), else sampling")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling (default 0)")
@@ -65,7 +65,7 @@ def predict(
     images: str | Path | None = None,
     shards: str | None = None,
     tokenizer: str = "byte",
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,

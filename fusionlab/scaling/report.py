@@ -248,7 +248,8 @@ def analyse(N, D, C, L, options: FitOptions = FitOptions(), flops_reported: bool
     if result["frontier"].get("c") is not None:
         result["exponents"]["c"] = result["frontier"]["c"]
     result["tokens_per_parameter"] = _optimal_table(params, C)
-    result["diagnostics"] = diagnose(result, np.asarray(L, dtype=np.float64))
+    result["diagnostics"] = diagnose(result, np.asarray(L, dtype=np.float64), np.asarray(N, dtype=np.float64),
+                                     np.asarray(D, dtype=np.float64))
     for message in result["diagnostics"]:
         log.info("%s", message)
     return result
@@ -304,10 +305,19 @@ def _bootstrap(N, D, L, params: ScalingLawParams, options: FitOptions) -> dict:
 WIDE_INTERVAL = 1.0
 
 
-def diagnose(fit: dict, L: np.ndarray) -> list[str]:
-    """List what the runs leave undetermined: an irreducible loss of about zero, or wide exponent intervals."""
+def diagnose(fit: dict, L: np.ndarray, N: np.ndarray | None = None, D: np.ndarray | None = None) -> list[str]:
+    """List what the runs leave undetermined: a single size or budget, exponents of about zero or
+    below, an irreducible loss of about zero, or wide exponent intervals."""
     messages = []
     params = fit["params"]
+    for name, values, exponent in (("model size", N, "alpha"), ("token budget", D, "beta")):
+        if values is not None and len(np.unique(np.round(np.log(values), 6))) < 2:
+            messages.append(f"every run has the same {name}, so {exponent} and its coefficient are not "
+                            f"identified; add runs of other {name}s")
+    for name, remedy in (("alpha", "model size"), ("beta", "token count")):
+        if params[name] <= 0.01:
+            messages.append(f"{name} = {params[name]:.3g}: the loss does not fall with {remedy} in these runs, "
+                            "so the compute-optimal exponents and predictions are meaningless")
     if params["E"] < 1e-3 * float(L.min()):
         messages.append(
             f"E is fitted to {params['E']:.3g}, about zero: the losses show no floor yet, so E is not "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fusionlab import plugins
 from fusionlab.data.datamodule import FusionDataModule
 from fusionlab.data.tokenizer import load_tokenizer
+from fusionlab.training.checkpoint import FinalModelCheckpoint
 from fusionlab.training.module import FusionModule
 from fusionlab.training.routing import RoutingStatistics
 from fusionlab.training.summary import RunSummary
@@ -25,7 +25,7 @@ class FusionCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.backbone.init_args.vocab_size", compute_fn=tokenizer_vocab_size)
         parser.link_arguments("data.image_size", "model.backbone.init_args.image_size")
         parser.link_arguments("data.patch_size", "model.backbone.init_args.patch_size")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FinalModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.every_n_train_steps": 500,

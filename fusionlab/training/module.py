@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -100,6 +101,8 @@ class FusionModule(L.LightningModule):
     def _load_pretrained(self, path: str) -> None:
         from fusionlab.training.routing import read_backbone_checkpoint
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from {path} not found: give the path of a checkpoint of `fusionlab fit`")
         spec, state = read_backbone_checkpoint(path)
         cls = type(self.backbone)
         ours = f"{cls.__module__}.{cls.__qualname__}"
