@@ -204,21 +204,20 @@ class SampleDecoder:
         return image_to_tensor(img, self.image_size, random_crop=self.random_crop, hflip=self.hflip, rng=self.rng)
 
     def _caption(self, sample: dict) -> list[Segment]:
+        image = self._single_image(sample, "caption")
+        caption = _text_member(sample)
+        return [self.image(image), caption]
+
+    def _single_image(self, sample: dict, kind: str) -> bytes:
         found = [extension for extension in IMAGE_EXTENSIONS if extension in sample]
         if not found:
-            raise SkipSample("missing_image", f"caption sample without an image member ({_members(sample)})")
+            raise SkipSample("missing_image", f"{kind} sample without an image member ({_members(sample)})")
         if len(found) > 1:
-            raise SkipSample("multiple_images", f"caption sample with several image members {found}")
-        caption = _text_member(sample)
-        return [self.image(sample[found[0]]), caption]
+            raise SkipSample("multiple_images", f"{kind} sample with several image members {found}")
+        return sample[found[0]]
 
     def _qa(self, sample: dict) -> list[Segment]:
-        found = [extension for extension in IMAGE_EXTENSIONS if extension in sample]
-        if not found:
-            raise SkipSample("missing_image", f"question-answering sample without an image member ({_members(sample)})")
-        if len(found) > 1:
-            raise SkipSample("multiple_images", f"question-answering sample with several image members {found}")
-        segments: list[Segment] = [self.image(sample[found[0]])]
+        segments: list[Segment] = [self.image(self._single_image(sample, "question-answering"))]
         for question, answer in conversation_pairs(_json_member(sample)):
             segments += [qa_prompt(question), Answer(" " + answer)]
         return segments
