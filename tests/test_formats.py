@@ -358,7 +358,7 @@ def test_qa_reads_llava_conversation(tmp_path):
     (doc,) = read([write_tar(tmp_path / "q.tar", members)], "qa")
     from fusionlab.data.formats import Answer
 
-    assert isinstance(doc.segments[0], torch.Tensor)  # the image goes first, wherever <image> stands
+    assert isinstance(doc.segments[0], torch.Tensor)  # the image goes first, wherever <image> is
     assert doc.segments[1:] == [
         " Question: What is shown? Answer:", Answer(" A red square."), " Question: Is it round? Answer:", Answer(" No"),
     ]

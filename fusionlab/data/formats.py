@@ -19,7 +19,7 @@ Layouts, by source type:
 - qa (question answering, LLaVA's instruction layout): one image member and `{key}.json` =
   {"conversations": [{"from": "human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value":
   "Answer"}, ...]}, turns alternating from "human" (or "user") to "gpt" (or "assistant"). The image
-  goes first, as LLaVA's preprocessing puts it, wherever `<image>` stands; each question becomes
+  goes first, as LLaVA's preprocessing puts it, wherever `<image>` is. Each question becomes
   `qa_prompt(question)` and each answer an `Answer` segment, the only text that gets targets.
 
 Only allow-listed members (the image extensions above, txt, json) are ever read from a tar, and

@@ -94,7 +94,7 @@ class _SizeRecordingDecoder(SampleDecoder):
 def guess_type(sample: dict) -> str:
     """Guess the data type of a raw sample from its members.
 
-    An image member with a json that holds "conversations" is qa, another image member caption;
+    An image member with a json that contains "conversations" is qa, another image member caption;
     without one, json is interleaved, else text. Interleaved documents name their images
     `key.img0.png`, so their extensions ("img0.png") are not plain image extensions.
     """

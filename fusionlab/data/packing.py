@@ -151,8 +151,8 @@ class Packer:
         """Lay out a whole document; returns it with the positions before which a cut is allowed."""
         tok = self.tokenizer
         tokens, slots, patches, cuts = [tok.bos_id], [-1], [-1], [True]
-        # Whether a position is learned, that is, may be a target. With answers in the document only
-        # the answers and the closing <eos> are, so fine-tuning teaches answering, not asking.
+        # learned[i]: whether token i may be a target. A document with answers learns only the answers
+        # and the closing <eos>, so fine-tuning teaches answering, not asking.
         answer_only = any(isinstance(segment, Answer) for segment in document.segments)
         learned = [not answer_only]
         images: list[Tensor] = []
